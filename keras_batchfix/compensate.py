@@ -1,0 +1,104 @@
+"""`compensate`: undo Keras's reduction over the batch for a self-normalizing loss."""
+
+import keras
+from keras import ops
+
+from keras_batchfix.normalized_loss import NormalizedLoss
+
+
+@keras.saving.register_keras_serializable(package="keras_batchfix")
+class Compensated(NormalizedLoss):
+    """A user loss made independent of Keras's reduction; see `compensate`."""
+
+    def __init__(self, loss, count=None, normalizer=None, name=None, dtype=None):
+        if not callable(loss):
+            raise ValueError(
+                "Argument `loss` must be a callable `(y_true, y_pred) -> values` "
+                f"or a `keras.losses.Loss`; received {loss!r}."
+            )
+        if count is not None and not callable(count):
+            raise ValueError(
+                "Argument `count` must be a callable `(y_true, y_pred) -> scalar` "
+                f"or None; received {count!r}."
+            )
+        if name is None:
+            name = "compensated_" + getattr(
+                loss, "name", getattr(loss, "__name__", "loss")
+            )
+        super().__init__(normalizer=normalizer, name=name, dtype=dtype)
+        self.loss = loss
+        self.count = count
+
+    def numerator_and_count(self, y_true, y_pred):
+        if isinstance(self.loss, keras.losses.Loss):
+            values = self.loss.call(y_true, y_pred)  # unreduced values
+        else:
+            values = self.loss(y_true, y_pred)
+        values = ops.convert_to_tensor(values)
+        if self.count is None:
+            return values, ops.ones((), dtype=self.dtype)
+        count = ops.convert_to_tensor(self.count(y_true, y_pred))
+        if len(count.shape) != 0:
+            raise ValueError(
+                "Argument `count` must return a scalar; it returned shape "
+                f"{tuple(count.shape)}."
+            )
+        return values, count
+
+    def get_config(self):
+        config = super().get_config()
+        config["loss"] = keras.saving.serialize_keras_object(self.loss)
+        config["count"] = keras.saving.serialize_keras_object(self.count)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("loss", "count", "normalizer"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
+
+
+def compensate(loss, count=None, normalizer=None, name=None):
+    """Makes Keras optimize a self-normalizing loss exactly as written.
+
+    For a loss whose values are already divided by a count taken from the
+    batch (`l_i / N` with `N` the batch's matched boxes, say), Keras's default
+    reduction divides again by the number of values and trains on
+    `sum_i l_i / (N * B)`, which scales like `1 / B`. The wrapped loss is
+
+        loss = sum_i w_i * values_i                       (count=None)
+        loss = sum_i w_i * values_i / max(1, count)       (count given)
+
+    for values of shape `()`, `(B,)` or `(B, ...)` alike, with `w_i` the
+    `sample_weight` of sample `i` (weights multiply the numerator; they do not
+    change the count; a scalar-valued loss cannot take `sample_weight`).
+
+    Pass `count` to hand the wrapper your numerator and your count separately
+    (then `loss` returns un-normalized values): the `normalizer` decides how
+    the count becomes a divisor, so it can be made global across replicas.
+    Under `tf.distribute` the replica losses are averaged, which equals
+    single-device training whenever every replica sees the same count.
+
+    Args:
+        loss: `(y_true, y_pred) -> values`, a function or a `keras.losses.Loss`
+            (its unreduced `call` is used).
+        count: optional `(y_true, y_pred) -> scalar`, the normalizing count.
+        normalizer: see `keras_batchfix.LocalCount`; default `LocalCount()`.
+        name: name of the loss; default `"compensated_" + loss name`.
+
+    Returns:
+        A `keras.losses.Loss` to pass to `model.compile(loss=...)`.
+
+    Example:
+
+    ```python
+    def box_loss(y_true, y_pred):  # per sample, normalized by the batch
+        positives = ops.sum(y_true[..., 0])
+        per_sample = ops.sum(ops.abs(y_true - y_pred) * y_true[..., :1], (1, 2))
+        return per_sample / ops.maximum(positives, 1.0)
+
+    model.compile(optimizer="sgd", loss=keras_batchfix.compensate(box_loss))
+    ```
+    """
+    return Compensated(loss, count=count, normalizer=normalizer, name=name)
