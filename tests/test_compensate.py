@@ -1,0 +1,216 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_batchfix import SSDMultiboxLoss, compensate
+from keras_batchfix.compensate import Compensated
+from tests.ssd_data import random_batch
+
+NUM_CLASSES = 4
+
+
+def ssd_keras_style(y_true, y_pred):
+    """Seed 000's loss without its `* batch_size` line: per image, / N_pos."""
+    numerator, count = SSDMultiboxLoss(
+        NUM_CLASSES, from_logits=True
+    ).numerator_and_count(y_true, y_pred)
+    return numerator / ops.maximum(count, 1.0)
+
+
+# Three return shapes of one self-normalizing loss: squared error on the
+# anchors flagged in channel 0, divided by the number of flagged anchors.
+def per_element(y_true, y_pred):
+    flagged = y_true[..., 0]
+    return flagged * ops.sum((y_pred - y_true) ** 2, -1) / ops.sum(flagged)
+
+
+def per_sample(y_true, y_pred):
+    return ops.sum(per_element(y_true, y_pred), axis=1)
+
+
+def scalar(y_true, y_pred):
+    return ops.sum(per_element(y_true, y_pred))
+
+
+def flagged_squared_error(y_true, y_pred):
+    return ops.sum(y_true[..., :1] * (y_pred - y_true) ** 2, axis=(1, 2))
+
+
+def flagged_count(y_true, y_pred):
+    return ops.sum(y_true[..., 0])
+
+
+def numpy_flagged_loss(y_true, y_pred, weights=None):
+    flagged = y_true[..., 0]
+    per_image = (flagged * ((y_pred - y_true) ** 2).sum(-1)).sum(-1)
+    if weights is not None:
+        per_image = per_image * weights
+    return per_image.sum() / flagged.sum()
+
+
+def flagged_batch(rng, batch_size, anchors=6, depth=3, flags_per_image=2):
+    y_true = rng.normal(size=(batch_size, anchors, depth)).astype("float32")
+    y_true[..., 0] = 0.0
+    y_true[:, :flags_per_image, 0] = 1.0
+    y_pred = rng.normal(size=y_true.shape).astype("float32")
+    return y_true, y_pred
+
+
+def identity_model(loss, depth):
+    inputs = keras.Input((None, depth))
+    model = keras.Model(inputs, keras.layers.Identity()(inputs))
+    model.compile(loss=loss)
+    return model
+
+
+def test_seed_000_loss_spikes_in_keras_and_not_once_compensated():
+    rng = np.random.default_rng(0)
+    y_true, y_pred = random_batch(rng, 8, 40, NUM_CLASSES, positive_fraction=0.1)
+    # Four copies of the same 8 images: the normalized loss is the same.
+    big_true, big_pred = np.tile(y_true, (4, 1, 1)), np.tile(y_pred, (4, 1, 1))
+    plain = identity_model(ssd_keras_style, NUM_CLASSES + 4)
+    ratio = plain.test_on_batch(y_pred, y_true) / plain.test_on_batch(
+        big_pred, big_true
+    )
+    np.testing.assert_allclose(ratio, 32 / 8, rtol=1e-5)  # 1 / B scaling
+    fixed = identity_model(compensate(ssd_keras_style), NUM_CLASSES + 4)
+    np.testing.assert_allclose(
+        fixed.test_on_batch(y_pred, y_true),
+        fixed.test_on_batch(big_pred, big_true),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        fixed.test_on_batch(y_pred, y_true),
+        float(SSDMultiboxLoss(NUM_CLASSES, from_logits=True)(y_true, y_pred)),
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("loss_fn", [per_element, per_sample, scalar])
+def test_every_return_shape_gives_the_normalized_value(loss_fn):
+    rng = np.random.default_rng(1)
+    for batch_size in (1, 5, 16):
+        y_true, y_pred = flagged_batch(rng, batch_size)
+        model = identity_model(compensate(loss_fn), 3)
+        np.testing.assert_allclose(
+            model.test_on_batch(y_pred, y_true),
+            numpy_flagged_loss(y_true, y_pred),
+            rtol=1e-5,
+        )
+
+
+def test_numerator_and_count_form():
+    rng = np.random.default_rng(2)
+    loss = compensate(flagged_squared_error, count=flagged_count)
+    for batch_size in (1, 3, 16):
+        y_true, y_pred = flagged_batch(rng, batch_size)
+        np.testing.assert_allclose(
+            float(loss(y_true, y_pred)), numpy_flagged_loss(y_true, y_pred), rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("loss_fn", [per_element, per_sample])
+def test_sample_weight_scales_each_sample_not_the_count(loss_fn):
+    rng = np.random.default_rng(3)
+    y_true, y_pred = flagged_batch(rng, 5)
+    weights = rng.random(5).astype("float32")
+    model = identity_model(compensate(loss_fn), 3)
+    np.testing.assert_allclose(
+        model.test_on_batch(y_pred, y_true, sample_weight=weights),
+        numpy_flagged_loss(y_true, y_pred, weights),
+        rtol=1e-5,
+    )
+
+
+def test_scalar_loss_refuses_sample_weight():
+    y_true, y_pred = flagged_batch(np.random.default_rng(4), 3)
+    with pytest.raises(ValueError, match="sample_weight"):
+        compensate(scalar)(y_true, y_pred, sample_weight=np.ones(3, "float32"))
+
+
+def test_wraps_a_keras_loss_instance_through_its_unreduced_call():
+    y_true, y_pred = flagged_batch(np.random.default_rng(5), 4)
+    loss = compensate(keras.losses.MeanSquaredError())
+    want = ((y_true - y_pred) ** 2).mean(-1).sum()
+    np.testing.assert_allclose(float(loss(y_true, y_pred)), want, rtol=1e-5)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="`loss`"):
+        compensate("mse")
+    with pytest.raises(ValueError, match="`count`"):
+        compensate(per_sample, count=3)
+    y_true, y_pred = flagged_batch(np.random.default_rng(6), 2)
+    with pytest.raises(ValueError, match=r"`count` must return a scalar.*\(2,\)"):
+        compensate(flagged_squared_error, count=lambda t, p: ops.sum(t, (1, 2)))(
+            y_true, y_pred
+        )
+
+
+@keras.saving.register_keras_serializable(package="tests")
+def registered_per_sample(y_true, y_pred):
+    return per_sample(y_true, y_pred)
+
+
+def test_model_save_round_trip(tmp_path):
+    model = identity_model(compensate(registered_per_sample), 3)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+    assert isinstance(restored.loss, Compensated)
+    assert restored.loss.loss is registered_per_sample
+    y_true, y_pred = flagged_batch(np.random.default_rng(7), 4)
+    np.testing.assert_allclose(
+        restored.test_on_batch(y_pred, y_true), model.test_on_batch(y_pred, y_true)
+    )
+
+
+def dense_model(seed, depth):
+    inputs = keras.Input((6, 3))
+    outputs = keras.layers.Dense(
+        depth, kernel_initializer=keras.initializers.GlorotUniform(seed)
+    )(inputs)
+    return keras.Model(inputs, outputs)
+
+
+def train(loss, x, y, strategy=None, batch_size=8):
+    def build_and_fit():
+        model = dense_model(seed=11, depth=3)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=loss
+        )
+        model.fit(x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0)
+        return [w.numpy() for w in model.weights]
+
+    if strategy is None:
+        return build_and_fit()
+    with strategy.scope():
+        return build_and_fit()
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="tf.distribute only"
+)
+@pytest.mark.parametrize(
+    "loss",
+    [
+        compensate(per_element),
+        compensate(per_sample),
+        compensate(scalar),
+        compensate(flagged_squared_error, count=flagged_count),
+    ],
+    ids=["per_element", "per_sample", "scalar", "numerator_and_count"],
+)
+def test_mirrored_strategy_equals_one_device(loss):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(32, 6, 3)).astype("float32")
+    y_true, _ = flagged_batch(rng, 32)  # every image has 2 flagged anchors
+    single = train(loss, x, y_true)
+    mirrored = train(
+        loss, x, y_true, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    )
+    for got, want in zip(mirrored, single):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,194 @@
+import itertools
+
+import keras
+import numpy as np
+import pytest
+
+from keras_batchfix import SSDMultiboxLoss
+from keras_batchfix.ssd_loss import top_k_mask
+from tests.gradients import value_and_grad
+from tests.ssd_data import random_batch
+
+torch = pytest.importorskip("torch")
+from tests.references.torch_multibox import multibox_loss  # noqa: E402
+
+NUM_CLASSES = 5
+CASES = list(
+    itertools.product(
+        [1, 7, 32],  # batch of 1, a partial batch, a full batch
+        [0.0, 0.02, 0.3],  # positive fraction (zero included)
+        [True, False],  # from_logits
+        ["batch", "per_image"],
+    )
+)
+
+
+def reference(y_true, y_pred, **kwargs):
+    """Value and gradient with respect to y_pred of the PyTorch reference."""
+    y_pred = torch.tensor(y_pred, dtype=torch.float64, requires_grad=True)
+    value = multibox_loss(
+        torch.tensor(y_true, dtype=torch.float64),
+        y_pred,
+        num_classes=NUM_CLASSES,
+        **kwargs,
+    )
+    value.backward()
+    return value.item(), y_pred.grad.numpy()
+
+
+@pytest.mark.parametrize("batch_size,positive_fraction,from_logits,mining", CASES)
+def test_value_and_gradient_match_pytorch(
+    batch_size, positive_fraction, from_logits, mining
+):
+    rng = np.random.default_rng(batch_size * 100 + int(positive_fraction * 50))
+    y_true, y_pred = random_batch(
+        rng,
+        batch_size,
+        anchors=60,
+        num_classes=NUM_CLASSES,
+        positive_fraction=positive_fraction,
+        trailing=8 if from_logits else 0,
+        from_logits=from_logits,
+    )
+    options = dict(from_logits=from_logits, mining=mining, n_neg_min=2)
+    loss = SSDMultiboxLoss(NUM_CLASSES, **options)
+    value, grad = value_and_grad(lambda p: loss(y_true, p), y_pred)
+    want_value, want_grad = reference(y_true, y_pred, **options)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mining", ["batch", "per_image"])
+def test_options_match_pytorch(mining):
+    rng = np.random.default_rng(3)
+    y_true, y_pred = random_batch(rng, 6, 80, NUM_CLASSES, positive_fraction=0.05)
+    options = dict(neg_pos_ratio=2.5, n_neg_min=7, alpha=0.3, from_logits=True)
+    loss = SSDMultiboxLoss(NUM_CLASSES, mining=mining, **options)
+    want, _ = reference(y_true, y_pred, mining=mining, **options)
+    np.testing.assert_allclose(float(loss(y_true, y_pred)), want, rtol=1e-5)
+
+
+def test_mining_modes_differ_when_positives_are_uneven():
+    # Image 0 has all the positives: batch mining may spend its negatives there
+    # or elsewhere, per-image mining gives image 1 none. The reference decides.
+    rng = np.random.default_rng(4)
+    y_true, y_pred = random_batch(rng, 2, 50, NUM_CLASSES, positive_fraction=0.0)
+    y_true[0, :5, :NUM_CLASSES] = np.eye(NUM_CLASSES)[1]
+    values = {}
+    for mining in ("batch", "per_image"):
+        loss = SSDMultiboxLoss(NUM_CLASSES, mining=mining, from_logits=True)
+        values[mining] = float(loss(y_true, y_pred))
+        want, _ = reference(y_true, y_pred, mining=mining, from_logits=True)
+        np.testing.assert_allclose(values[mining], want, rtol=1e-5)
+    assert values["batch"] != pytest.approx(values["per_image"])
+
+
+def test_all_neutral_and_no_positive_batches_are_finite():
+    rng = np.random.default_rng(5)
+    y_true, y_pred = random_batch(rng, 3, 40, NUM_CLASSES, positive_fraction=0.0)
+    loss = SSDMultiboxLoss(NUM_CLASSES, from_logits=True)
+    assert float(loss(y_true, y_pred)) == 0.0  # no positive: no negative mined
+    loss = SSDMultiboxLoss(NUM_CLASSES, from_logits=True, n_neg_min=4)
+    want, _ = reference(y_true, y_pred, from_logits=True, n_neg_min=4)
+    np.testing.assert_allclose(float(loss(y_true, y_pred)), want, rtol=1e-5)
+    y_true[..., :NUM_CLASSES] = 0.0  # every anchor neutral
+    assert float(loss(y_true, y_pred)) == 0.0
+
+
+def fit_model(loss, jit_compile=False):
+    inputs = keras.Input((None, NUM_CLASSES + 4))
+    outputs = keras.layers.Identity()(inputs)
+    model = keras.Model(inputs, outputs)
+    model.compile(loss=loss, jit_compile=jit_compile)
+    return model
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_keras_reports_the_normalized_loss_at_every_batch_size(jit_compile):
+    if jit_compile and keras.backend.backend() == "torch":
+        pytest.skip("jit_compile on torch is torch.compile, not XLA")
+    rng = np.random.default_rng(6)
+    y_true, y_pred = random_batch(rng, 32, 50, NUM_CLASSES, positive_fraction=0.1)
+    model = fit_model(SSDMultiboxLoss(NUM_CLASSES, from_logits=True), jit_compile)
+    for size in (32, 7, 1):
+        reported = model.test_on_batch(y_pred[:size], y_true[:size])
+        want, _ = reference(y_true[:size], y_pred[:size], from_logits=True)
+        np.testing.assert_allclose(reported, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_reduces_in_float32(policy):
+    rng = np.random.default_rng(7)
+    y_true, y_pred = random_batch(rng, 4, 3000, NUM_CLASSES, positive_fraction=0.02)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        loss = SSDMultiboxLoss(NUM_CLASSES, from_logits=True)
+        low = keras.ops.cast(y_pred, keras.config.dtype_policy().compute_dtype)
+        value = loss(y_true, low)
+        assert keras.backend.standardize_dtype(value.dtype) == "float32"
+        rounded = keras.ops.convert_to_numpy(keras.ops.cast(low, "float32"))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    want, _ = reference(y_true, rounded, from_logits=True)
+    np.testing.assert_allclose(float(value), want, rtol=1e-5)
+
+
+def test_model_save_round_trip(tmp_path):
+    loss = SSDMultiboxLoss(
+        NUM_CLASSES, neg_pos_ratio=2.0, n_neg_min=3, alpha=0.5,
+        mining="per_image", from_logits=True,
+    )
+    model = fit_model(loss)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+    assert isinstance(restored.loss, SSDMultiboxLoss)
+    assert restored.loss.get_config() == loss.get_config()
+    rng = np.random.default_rng(8)
+    y_true, y_pred = random_batch(rng, 3, 30, NUM_CLASSES, positive_fraction=0.1)
+    np.testing.assert_allclose(
+        restored.test_on_batch(y_pred, y_true), model.test_on_batch(y_pred, y_true)
+    )
+
+
+def test_top_k_mask_selects_exactly_k_even_with_ties():
+    scores = np.array(
+        [[3, 1, 3, 3, 0, -1], [2, 2, 2, 2, 2, 2], [5, 4, 3, 2, 1, 0]], "float32"
+    )
+    k = np.array([2, 4, 0], "int32")
+    mask = keras.ops.convert_to_numpy(top_k_mask(scores, k))
+    assert mask.sum(axis=1).tolist() == [2, 4, 0]
+    for row, kr, row_mask in zip(scores, k, mask):
+        kth = np.sort(row)[::-1][kr - 1] if kr else np.inf
+        assert (row[row_mask] >= kth).all()
+        assert (row[~row_mask] <= kth).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_classes=1), "num_classes"),
+        (dict(num_classes=5, neg_pos_ratio=-1), "neg_pos_ratio"),
+        (dict(num_classes=5, n_neg_min=-2), "n_neg_min"),
+        (dict(num_classes=5, mining="global"), "mining"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SSDMultiboxLoss(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "true_shape,pred_shape,match",
+    [
+        ((2, 10, 9), (2, 10, 9, 1), r"rank 3.*\(2, 10, 9, 1\)"),
+        ((2, 10, 9), (2, 11, 9), r"same shape.*\(2, 10, 9\).*\(2, 11, 9\)"),
+        ((2, 10, 7), (2, 10, 7), r"num_classes \+ 4 = 9.*\(2, 10, 7\)"),
+        ((2, 10, 10), (2, 10, 10), r"num_classes \+ 4 = 9"),
+    ],
+)
+def test_bad_shapes(true_shape, pred_shape, match):
+    loss = SSDMultiboxLoss(5)
+    with pytest.raises(ValueError, match=match):
+        loss(np.zeros(true_shape, "float32"), np.zeros(pred_shape, "float32"))
