@@ -1,0 +1,422 @@
+"""`CenterLoss`: center loss (Wen et al., ECCV 2016) as a Keras 3 layer.
+
+A faithful port of seed 003's PyTorch `CenterLoss` (after
+jxgu1016/MNIST_center_loss_pytorch): the loss is the batch mean of half the
+squared distance of each feature to its class center, its gradient reaches
+the features only, and the centers move by the paper's rule, not by the
+model's optimizer.
+"""
+
+import keras
+from keras import ops
+
+
+def _seed_initializer():
+    """Kaiming-normal as the seed: `kaiming_normal_(centers.t())`.
+
+    On the transposed `(feat_dim, num_classes)` tensor PyTorch's fan-in is
+    `num_classes`, so the centers are N(0, 2 / num_classes), untruncated.
+    Keras's fan-in of a `(num_classes, feat_dim)` weight is `num_classes` too.
+    """
+    return keras.initializers.VarianceScaling(
+        scale=2.0, mode="fan_in", distribution="untruncated_normal"
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_batchfix")
+class CenterLoss(keras.layers.Layer):
+    """Center loss layer: adds `loss_weight * L_C` and returns the features.
+
+    For a batch of `B` features `x_i` (shape `(B, D)`) with integer labels
+    `y_i` and centers `c_j` (a `(num_classes, D)` variable of the layer):
+
+        L_C = 1/2 * sum_i ||x_i - c_{y_i}||^2 / B
+
+    `loss_weight * L_C` is added with `add_loss` (in training and in
+    evaluation). Its gradient reaches the features only, never the centers.
+    In training (`training=True`, i.e. in `fit`; never in `evaluate` or
+    `predict`) the centers then move by the paper's rule, computed from the
+    centers the loss used:
+
+        c_j <- c_j - alpha * sum_{i: y_i = j} (c_j - x_i) / (1 + n_j)
+
+    with `n_j` the number of samples of class `j` in the batch. As in the seed,
+    `loss_weight` does not scale the center step and the centers get no
+    momentum, weight decay or learning-rate schedule from the model's
+    optimizer. To make the step follow the model's schedule (as the original
+    Caffe code, where centers are solver parameters, effectively did), pass
+    `alpha=` a `keras.optimizers.schedules.LearningRateSchedule`: it is
+    evaluated at the layer's own step counter `layer.iterations` (counted in
+    training steps from 0, like `optimizer.iterations`), e.g.
+    `alpha=0.5 * schedule / initial_lr` written as its own schedule.
+
+    Batch size and replicas: `L_C` is a mean over the batch, so a short last
+    batch has the same scale as a full one. Under `tf.distribute` Keras
+    multiplies `add_loss` values by `1 / num_replicas` and sums the replicas'
+    gradients; this layer all-reduces the batch size and adds
+    `loss_weight * num_replicas * sum_local / B_global`, so the optimized loss
+    and gradient are exactly those of single-device training on the global
+    batch, also when the batch splits unevenly. The per-class sums and counts
+    of the center update are all-reduced too: every replica applies the same
+    global update. With JAX (`keras.distribution`) one program sees the
+    global batch and nothing needs reducing.
+
+    Labels: shape `(B,)` or `(B, 1)`, integers or integer-valued floats.
+    In eager execution labels outside `[0, num_classes)` or non-integer
+    floats raise a `ValueError`. In compiled code (`tf.function`, XLA, `jax.jit`,
+    i.e. inside `fit`) they cannot be checked without a host round-trip: float
+    labels are truncated toward zero, and a sample whose label is outside
+    `[0, num_classes)` contributes nothing to the loss nor to the center update
+    (it still counts in `B`).
+
+    Called with the features alone (`layer(features)`) the layer is the
+    identity and adds no loss: use that, or the features tensor before the
+    layer, for an inference model without labels.
+
+    Logging: `layer.center_loss(features, labels)` returns the unweighted
+    `L_C` for the current centers (no state change). On the TensorFlow and
+    torch backends the layer also tracks a `keras.metrics.Mean` named
+    `"<layer name>_value"` (default `"center_loss_value"`): it is updated
+    with the unweighted `L_C` of each batch in `fit` and `evaluate`, and shows in the
+    logs. On JAX, Keras's stateless `fit` drops metric updates made inside a
+    layer's `call`, so the metric is not created there.
+
+    Why not `compile(loss={"embedding": ...})`: a compiled loss is not told
+    whether Keras is training or evaluating (the centers would move in
+    `evaluate`), and it cannot own the centers variable (it would be neither
+    saved with the model nor serializable). The layer form is correct on all
+    backends.
+
+    Args:
+        num_classes: number of classes (rows of the centers).
+        alpha: center step, a float (default 0.5) or a
+            `keras.optimizers.schedules.LearningRateSchedule`.
+        loss_weight: lambda, the weight of `L_C` in the model's loss.
+            Default 0.01.
+        centers_initializer: initializer of the `(num_classes, D)` centers;
+            default Kaiming-normal as the seed (untruncated normal with std
+            `sqrt(2 / num_classes)`).
+        feat_dim: optional feature dimension `D`; default: taken from the
+            first input. A different input dimension raises `ValueError`.
+        centers_trainable: opt in to training the centers with the model's
+            optimizer (then they get its learning rate, schedule, momentum and
+            weight decay). The optimizer receives the "gradient"
+            `alpha * sum_{i: y_i = j}(c_j - x_i) / (1 + n_j)` (the seed's,
+            times `alpha`, which acts as a learning-rate multiplier) and the
+            layer applies no update of its own. Default False.
+        **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
+
+    Example:
+
+    ```python
+    images = keras.Input((28, 28, 1))
+    labels = keras.Input((), dtype="int32")
+    features = keras.layers.Dense(2)(keras.layers.Flatten()(images))
+    features = keras_batchfix.CenterLoss(10, alpha=0.5, loss_weight=0.01)(
+        [features, labels]
+    )
+    logits = keras.layers.Dense(10)(features)
+    model = keras.Model([images, labels], logits)
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(True))
+    model.fit([x, y], y, batch_size=64)
+    ```
+    """
+
+    def __init__(
+        self,
+        num_classes,
+        alpha=0.5,
+        loss_weight=0.01,
+        centers_initializer=None,
+        feat_dim=None,
+        centers_trainable=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(
+                "Argument `num_classes` must be an integer >= 1; received "
+                f"num_classes={num_classes!r}."
+            )
+        if feat_dim is not None and (int(feat_dim) != feat_dim or feat_dim < 1):
+            raise ValueError(
+                "Argument `feat_dim` must be an integer >= 1 or None; received "
+                f"feat_dim={feat_dim!r}."
+            )
+        if isinstance(alpha, dict):
+            alpha = keras.optimizers.schedules.deserialize(alpha)
+        if not isinstance(
+            alpha, keras.optimizers.schedules.LearningRateSchedule
+        ):
+            if not isinstance(alpha, (int, float)) or alpha < 0:
+                raise ValueError(
+                    "Argument `alpha` must be a float >= 0 or a "
+                    "`keras.optimizers.schedules.LearningRateSchedule`; "
+                    f"received alpha={alpha!r}."
+                )
+            alpha = float(alpha)
+        self.num_classes = int(num_classes)
+        self.alpha = alpha
+        self.loss_weight = float(loss_weight)
+        self.centers_initializer = keras.initializers.get(
+            centers_initializer or _seed_initializer()
+        )
+        self.feat_dim = None if feat_dim is None else int(feat_dim)
+        self.centers_trainable = bool(centers_trainable)
+        self.supports_masking = False
+        if keras.backend.backend() != "jax":
+            self.value_tracker = keras.metrics.Mean(name=f"{self.name}_value")
+        else:
+            self.value_tracker = None
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, input_shape):
+        features_shape = _features_shape(input_shape)
+        if len(features_shape) != 2:
+            raise ValueError(
+                "`features` must have shape (batch_size, feat_dim); received "
+                f"shape {tuple(features_shape)}."
+            )
+        dim = features_shape[-1]
+        if dim is None:
+            raise ValueError(
+                "The last axis of `features` must be known to build the "
+                f"centers; received shape {tuple(features_shape)}."
+            )
+        if self.feat_dim is not None and dim != self.feat_dim:
+            raise ValueError(_dim_error(dim, self.feat_dim, features_shape))
+        self.feat_dim = int(dim)
+        self.centers = self.add_weight(
+            shape=(self.num_classes, self.feat_dim),
+            initializer=self.centers_initializer,
+            trainable=self.centers_trainable,
+            aggregation="mean" if self.centers_trainable else "only_first_replica",
+            name="centers",
+        )
+        self.iterations = self.add_weight(
+            shape=(),
+            initializer="zeros",
+            dtype="int",
+            trainable=False,
+            aggregation="only_first_replica",
+            name="iterations",
+        )
+
+    def compute_output_shape(self, input_shape):
+        return tuple(_features_shape(input_shape))
+
+    def compute_output_spec(self, inputs, training=None):
+        features = inputs[0] if isinstance(inputs, (list, tuple)) else inputs
+        return keras.KerasTensor(features.shape, dtype=features.dtype)
+
+    # ------------------------------------------------------------------ call
+
+    def call(self, inputs, training=None):
+        if not isinstance(inputs, (list, tuple)):
+            return inputs  # inference without labels: identity
+        if len(inputs) != 2:
+            raise ValueError(
+                "`CenterLoss` expects `[features, labels]` (or features "
+                f"alone); received a sequence of {len(inputs)} tensors."
+            )
+        features_in, labels = inputs
+        features, onehot, valid_batch = self._prepare(features_in, labels)
+        centers = ops.convert_to_tensor(self.centers)
+        gathered = ops.matmul(onehot, ops.stop_gradient(centers))
+        squared = ops.sum(ops.square(features - gathered), axis=-1)
+        local_sum = 0.5 * ops.sum(squared)
+
+        # Batch size of all replicas; see the class docstring.
+        local_batch = ops.cast(ops.shape(features)[0], features.dtype)
+        global_batch = _all_reduce_sum(local_batch)
+        replicas = float(_replica_count())
+        loss = local_sum * (replicas / ops.maximum(global_batch, 1.0))
+        self.add_loss(self.loss_weight * loss)
+        if self.value_tracker is not None:
+            self.value_tracker.update_state(
+                local_sum / ops.maximum(local_batch, 1.0),
+                sample_weight=local_batch,
+            )
+
+        if training:
+            alpha = self._current_alpha()
+            detached = ops.stop_gradient(features)
+            # n_j c_j - sum_{i: y_i=j} x_i, and n_j, summed over replicas.
+            sums = _all_reduce_sum(
+                ops.matmul(ops.transpose(onehot), ops.stop_gradient(gathered) - detached)
+            )
+            counts = _all_reduce_sum(ops.sum(onehot, axis=0))
+            delta = sums / ops.expand_dims(1.0 + counts, -1)
+            if self.centers_trainable:
+                # Zero-valued term whose gradient w.r.t. the centers is
+                # alpha * delta (Keras's 1/num_replicas and the replica sum
+                # cancel, delta being global already).
+                step = ops.stop_gradient(alpha * delta)
+                self.add_loss(
+                    ops.sum(step * (centers - ops.stop_gradient(centers)))
+                )
+            else:
+                self.centers.assign(ops.stop_gradient(centers) - alpha * delta)
+            self.iterations.assign_add(ops.ones((), dtype=self.iterations.dtype))
+        return features_in
+
+    def center_loss(self, features, labels):
+        """Unweighted `L_C` of a batch for the current centers (a scalar).
+
+        No state changes (centers, step counter and metric stay as they are).
+        """
+        if not self.built:
+            self.build([tuple(features.shape), tuple(labels.shape)])
+        features, onehot, _ = self._prepare(features, labels)
+        gathered = ops.matmul(onehot, ops.convert_to_tensor(self.centers))
+        squared = ops.sum(ops.square(features - gathered), axis=-1)
+        batch = ops.cast(ops.shape(features)[0], features.dtype)
+        return 0.5 * ops.sum(squared) / ops.maximum(batch, 1.0)
+
+    def _current_alpha(self):
+        if isinstance(self.alpha, keras.optimizers.schedules.LearningRateSchedule):
+            return ops.cast(self.alpha(self.iterations), self.centers.dtype)
+        return self.alpha
+
+    def _prepare(self, features, labels):
+        """Casts, checks shapes and labels; returns features, one-hot, B."""
+        dtype = self.centers.dtype
+        features = ops.cast(features, dtype)
+        shape = tuple(features.shape)
+        if len(shape) != 2:
+            raise ValueError(
+                "`features` must have shape (batch_size, feat_dim); received "
+                f"shape {shape}."
+            )
+        if shape[-1] is not None and shape[-1] != self.feat_dim:
+            raise ValueError(_dim_error(shape[-1], self.feat_dim, shape))
+        labels = ops.convert_to_tensor(labels)
+        label_shape = tuple(labels.shape)
+        if len(label_shape) == 2 and label_shape[-1] == 1:
+            labels = ops.squeeze(labels, axis=-1)
+        elif len(label_shape) != 1:
+            raise ValueError(
+                "`labels` must have shape (batch_size,) or (batch_size, 1); "
+                f"received shape {label_shape} (features of shape {shape})."
+            )
+        if (
+            shape[0] is not None
+            and label_shape[0] is not None
+            and shape[0] != label_shape[0]
+        ):
+            raise ValueError(
+                "`features` and `labels` must have the same batch size; "
+                f"received features.shape={shape}, labels.shape={label_shape}."
+            )
+        if _is_concrete(labels):
+            self._check_label_values(labels)
+        labels = ops.cast(labels, "int32")
+        classes = ops.arange(self.num_classes, dtype="int32")
+        onehot = ops.cast(
+            ops.equal(ops.expand_dims(labels, -1), ops.expand_dims(classes, 0)),
+            dtype,
+        )
+        return features, onehot, shape[0]
+
+    def _check_label_values(self, labels):
+        values = ops.convert_to_numpy(labels)
+        if values.size == 0:
+            return
+        if values.dtype.kind == "f":
+            bad = values[values != values.round()]
+            if bad.size:
+                raise ValueError(
+                    "`labels` must be integers or integer-valued floats; "
+                    f"received non-integer values such as {bad.flat[0]!r}."
+                )
+        low, high = values.min(), values.max()
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(
+                f"`labels` must lie in [0, num_classes) = [0, {self.num_classes}); "
+                f"received labels from {low!r} to {high!r}."
+            )
+
+    # ---------------------------------------------------------- serialization
+
+    def get_config(self):
+        config = super().get_config()
+        alpha = self.alpha
+        if isinstance(alpha, keras.optimizers.schedules.LearningRateSchedule):
+            alpha = keras.optimizers.schedules.serialize(alpha)
+        config.update(
+            num_classes=self.num_classes,
+            alpha=alpha,
+            loss_weight=self.loss_weight,
+            centers_initializer=keras.initializers.serialize(
+                self.centers_initializer
+            ),
+            feat_dim=self.feat_dim,
+            centers_trainable=self.centers_trainable,
+        )
+        return config
+
+
+def _features_shape(input_shape):
+    """The features' shape from `build`'s / `compute_output_shape`'s argument."""
+    if (
+        isinstance(input_shape, (list, tuple))
+        and len(input_shape) > 0
+        and isinstance(input_shape[0], (list, tuple))
+    ):
+        return tuple(input_shape[0])
+    return tuple(input_shape)
+
+
+def _dim_error(seen, wanted, shape):
+    return (
+        f"The feature dimension of `features` ({seen}, shape {tuple(shape)}) "
+        f"must equal the centers' dimension `feat_dim` ({wanted}, centers of "
+        f"shape (num_classes, {wanted}))."
+    )
+
+
+def _is_concrete(tensor):
+    """Whether `tensor` holds values now (eager), not a traced placeholder."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly()
+    if backend == "jax":
+        import jax
+
+        return not isinstance(tensor, jax.core.Tracer)
+    if backend == "torch":
+        import torch
+
+        if tensor.device.type == "meta":
+            return False
+        compiling = getattr(torch.compiler, "is_compiling", None)
+        return not (compiling and compiling())
+    return False
+
+
+def _replica_context():
+    """The `tf.distribute` replica context with more than one replica, or None."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    return context
+
+
+def _replica_count():
+    context = _replica_context()
+    return 1 if context is None else context.num_replicas_in_sync
+
+
+def _all_reduce_sum(value):
+    """Sum over `tf.distribute` replicas (identity elsewhere)."""
+    context = _replica_context()
+    if context is None:
+        return value
+    return context.all_reduce("SUM", value)
