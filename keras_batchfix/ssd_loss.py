@@ -217,8 +217,9 @@ def top_k_mask(scores, k):
     shapes). Exactly `k[r]` entries are selected in row `r`; among equal scores
     the first ones win. One sort per row, no data-dependent shapes.
     """
+    scores = ops.convert_to_tensor(scores)
     descending = ops.flip(ops.sort(scores, axis=-1), axis=-1)
-    k = ops.expand_dims(k, axis=-1)
+    k = ops.expand_dims(ops.convert_to_tensor(k, dtype="int32"), axis=-1)
     kth_largest = ops.take_along_axis(descending, ops.maximum(k - 1, 0), axis=-1)
     above = scores > kth_largest
     tied = scores == kth_largest
