@@ -224,8 +224,7 @@ class CenterLoss(keras.layers.Layer):
         features, onehot, valid_batch = self._prepare(features_in, labels)
         centers = ops.convert_to_tensor(self.centers)
         gathered = ops.matmul(onehot, ops.stop_gradient(centers))
-        squared = ops.sum(ops.square(features - gathered), axis=-1)
-        local_sum = 0.5 * ops.sum(squared)
+        local_sum = _half_squared_distance_sum(features, gathered, onehot)
 
         # Batch size of all replicas; see the class docstring.
         local_batch = ops.cast(ops.shape(features)[0], features.dtype)
@@ -270,9 +269,9 @@ class CenterLoss(keras.layers.Layer):
             self.build([tuple(features.shape), tuple(labels.shape)])
         features, onehot, _ = self._prepare(features, labels)
         gathered = ops.matmul(onehot, ops.convert_to_tensor(self.centers))
-        squared = ops.sum(ops.square(features - gathered), axis=-1)
+        total = _half_squared_distance_sum(features, gathered, onehot)
         batch = ops.cast(ops.shape(features)[0], features.dtype)
-        return 0.5 * ops.sum(squared) / ops.maximum(batch, 1.0)
+        return total / ops.maximum(batch, 1.0)
 
     def _current_alpha(self):
         if isinstance(self.alpha, keras.optimizers.schedules.LearningRateSchedule):
@@ -328,13 +327,13 @@ class CenterLoss(keras.layers.Layer):
             if bad.size:
                 raise ValueError(
                     "`labels` must be integers or integer-valued floats; "
-                    f"received non-integer values such as {bad.flat[0]!r}."
+                    f"received non-integer values such as {bad.flat[0].item()!r}."
                 )
-        low, high = values.min(), values.max()
+        low, high = values.min().item(), values.max().item()
         if low < 0 or high >= self.num_classes:
             raise ValueError(
                 f"`labels` must lie in [0, num_classes) = [0, {self.num_classes}); "
-                f"received labels from {low!r} to {high!r}."
+                f"received labels from {low} to {high}."
             )
 
     # ---------------------------------------------------------- serialization
@@ -355,6 +354,13 @@ class CenterLoss(keras.layers.Layer):
             centers_trainable=self.centers_trainable,
         )
         return config
+
+
+def _half_squared_distance_sum(features, gathered, onehot):
+    """1/2 sum_i ||x_i - c_{y_i}||^2 over the samples with a valid label."""
+    valid = ops.sum(onehot, axis=-1)  # 0 for labels outside [0, num_classes)
+    squared = ops.sum(ops.square(features - gathered), axis=-1)
+    return 0.5 * ops.sum(valid * squared)
 
 
 def _features_shape(input_shape):

@@ -1,0 +1,456 @@
+"""Tests of `keras_batchfix.CenterLoss` (issue 3); backend-agnostic.
+
+Run under each backend: `KERAS_BACKEND=jax pytest tests/test_center_loss.py`
+(tensorflow, jax, torch). References are NumPy re-implementations written
+here and the PyTorch port of seed 003 in `tests/references`.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+import keras
+from keras import ops
+
+import keras_batchfix
+from keras_batchfix import CenterLoss
+
+BACKEND = keras.backend.backend()
+K, D = 4, 3
+
+
+# ----------------------------------------------------------- NumPy references
+
+
+def numpy_center_step(centers, features, labels, alpha):
+    """The paper's rule, sample by sample; labels outside [0, K) are skipped."""
+    centers = np.asarray(centers, np.float64)
+    sums = np.zeros_like(centers)
+    counts = np.ones(len(centers))
+    for x, y in zip(np.asarray(features, np.float64), labels):
+        if 0 <= y < len(centers):
+            sums[y] += centers[y] - x
+            counts[y] += 1
+    return centers - alpha * sums / counts[:, None]
+
+
+def numpy_center_loss(centers, features, labels):
+    """1/2 sum_i ||x_i - c_{y_i}||^2 / B (labels outside [0, K) count 0)."""
+    total = 0.0
+    for x, y in zip(np.asarray(features, np.float64), labels):
+        if 0 <= y < len(centers):
+            total += 0.5 * np.sum((x - centers[y]) ** 2)
+    return total / len(features)
+
+
+def batches(n, batch_size):
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def to_numpy(x):
+    return np.asarray(ops.convert_to_numpy(x), np.float64)
+
+
+MODES = {
+    "eager": dict(run_eagerly=True, jit_compile=False),
+    "graph": dict(run_eagerly=False, jit_compile=False),
+    "xla": dict(run_eagerly=False, jit_compile=True),
+}
+
+
+def mode_params():
+    if BACKEND == "torch":  # torch: eager (jit_compile would be torch.compile)
+        return ["eager"]
+    if BACKEND == "jax":  # jax: always traced by jax.jit unless run_eagerly
+        return ["eager", "xla"]
+    return list(MODES)
+
+
+# ------------------------------------------------------------------- models
+
+
+def identity_feature_model(layer):
+    """features = the input itself (so the test knows them exactly)."""
+    features = keras.Input((D,))
+    labels = keras.Input((), dtype="int32")
+    out = layer([features, labels])
+    logits = keras.layers.Dense(K)(out)
+    return keras.Model([features, labels], logits)
+
+
+def linear_feature_model(layer, kernel):
+    """features = x @ W (no bias), then the center loss is the only loss."""
+    x = keras.Input((kernel.shape[0],))
+    labels = keras.Input((), dtype="int32")
+    dense = keras.layers.Dense(kernel.shape[1], use_bias=False)
+    features = layer([dense(x), labels])
+    model = keras.Model([x, labels], features)
+    dense.set_weights([kernel.astype("float32")])
+    return model
+
+
+# -------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("mode", mode_params())
+@pytest.mark.parametrize("schedule", [False, True])
+def test_fit_moves_centers_by_paper_rule(mode, schedule):
+    rng = np.random.default_rng(0)
+    n, batch_size = 20, 8  # batches of 8, 8 and a short last one of 4
+    x = rng.normal(size=(n, D)).astype("float32")
+    y = rng.integers(0, K, size=n).astype("int32")
+    y[:3] = 1  # several samples of one class in the first batch
+    c0 = rng.normal(size=(K, D))
+    if schedule:
+        alpha = keras.optimizers.schedules.ExponentialDecay(
+            0.5, decay_steps=1, decay_rate=0.5
+        )
+        alphas = [0.5 * 0.5**step for step in range(3)]
+    else:
+        alpha, alphas = 0.3, [0.3] * 3
+
+    layer = CenterLoss(
+        K, alpha=alpha, centers_initializer=keras.initializers.Constant(c0)
+    )
+    model = identity_feature_model(layer)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        **MODES[mode],
+    )
+    model.fit([x, y], y, batch_size=batch_size, shuffle=False, verbose=0)
+
+    expected = c0
+    for step, part in enumerate(batches(n, batch_size)):
+        expected = numpy_center_step(expected, x[part], y[part], alphas[step])
+    assert not np.allclose(expected, c0)
+    np.testing.assert_allclose(to_numpy(layer.centers), expected, rtol=1e-5, atol=1e-6)
+    assert int(ops.convert_to_numpy(layer.iterations)) == 3
+
+    # Centers move only in training.
+    after_fit = to_numpy(layer.centers)
+    model.evaluate([x, y], y, batch_size=batch_size, verbose=0)
+    model.predict([x, y], batch_size=batch_size, verbose=0)
+    np.testing.assert_array_equal(to_numpy(layer.centers), after_fit)
+    assert int(ops.convert_to_numpy(layer.iterations)) == 3
+
+
+def test_loss_gradient_reaches_features_only():
+    """Only loss: lambda * L_C through features = x @ W; NumPy SGD reference.
+
+    Checks the feature gradient lambda * (x_i - c_{y_i}) / B (the kernel
+    moves by it), that the centers are not in the model's trainable weights,
+    and that both use the pre-step values, over a short last batch too.
+    """
+    rng = np.random.default_rng(1)
+    n, batch_size, lr, lam, alpha = 10, 4, 0.5, 0.7, 0.5
+    x = rng.normal(size=(n, 5)).astype("float32")
+    y = rng.integers(0, K, size=n).astype("int32")
+    w = rng.normal(size=(5, D))
+    c = rng.normal(size=(K, D))
+    layer = CenterLoss(
+        K,
+        alpha=alpha,
+        loss_weight=lam,
+        centers_initializer=keras.initializers.Constant(c),
+    )
+    model = linear_feature_model(layer, w)
+    assert all(v is not layer.centers for v in model.trainable_variables)
+    model.compile(optimizer=keras.optimizers.SGD(lr))
+    history = model.fit([x, y], batch_size=batch_size, shuffle=False, verbose=0)
+
+    losses, sizes = [], []
+    for part in batches(n, batch_size):
+        xb, yb = x[part].astype(np.float64), y[part]
+        f = xb @ w
+        losses.append(lam * numpy_center_loss(c, f, yb))
+        sizes.append(len(yb))
+        grad_f = lam * (f - c[yb]) / len(yb)
+        w = w - lr * xb.T @ grad_f
+        c = numpy_center_step(c, f, yb, alpha)
+    dense = next(l for l in model.layers if isinstance(l, keras.layers.Dense))
+    np.testing.assert_allclose(dense.get_weights()[0], w, rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer.centers), c, rtol=1e-5, atol=1e-6)
+    # Keras logs the batch-size-weighted mean of the per-batch losses.
+    np.testing.assert_allclose(
+        history.history["loss"][0], np.average(losses, weights=sizes), rtol=1e-5
+    )
+
+
+def test_loss_scale_does_not_depend_on_batch_size():
+    rng = np.random.default_rng(2)
+    layer = CenterLoss(K, loss_weight=0.5)
+    features = rng.normal(size=(3, D)).astype("float32")
+    labels = np.array([0, 2, 3])
+    values = []
+    for repeat in (1, 4):  # the same samples, batch of 3 then of 12
+        layer([np.tile(features, (repeat, 1)), np.tile(labels, repeat)])
+        values.append(float(ops.convert_to_numpy(layer.losses[0])))
+    centers = to_numpy(layer.centers)
+    expected = 0.5 * numpy_center_loss(centers, features, labels)
+    np.testing.assert_allclose(values, [expected, expected], rtol=1e-5)
+    np.testing.assert_allclose(
+        float(ops.convert_to_numpy(layer.center_loss(features, labels))),
+        expected / 0.5,
+        rtol=1e-5,
+    )
+
+
+def test_label_forms_accepted():
+    rng = np.random.default_rng(3)
+    c = rng.normal(size=(K, D))
+    features = rng.normal(size=(5, D)).astype("float32")
+    labels = np.array([0, 1, 3, 3, 2])
+    expected = numpy_center_loss(c, features, labels)
+    for form in (
+        labels.astype("int32"),
+        labels.astype("int64"),
+        labels.astype("float32"),
+        labels.reshape(5, 1).astype("int32"),
+        labels.reshape(5, 1).astype("float32"),
+    ):
+        layer = CenterLoss(K, centers_initializer=keras.initializers.Constant(c))
+        value = layer.center_loss(ops.convert_to_tensor(features), ops.convert_to_tensor(form))
+        np.testing.assert_allclose(float(ops.convert_to_numpy(value)), expected, rtol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    layer = CenterLoss(K, feat_dim=3)
+    features = np.zeros((2, 5), "float32")
+    with pytest.raises(ValueError, match=r"\(5, shape \(2, 5\)\).*feat_dim.*\(3"):
+        layer([features, np.array([0, 1])])
+    layer = CenterLoss(K)
+    layer([np.zeros((2, 3), "float32"), np.array([0, 1])])  # builds D = 3
+    with pytest.raises(ValueError, match="feature dimension"):
+        layer([np.zeros((2, 4), "float32"), np.array([0, 1])])
+    with pytest.raises(ValueError, match=r"\[0, 4\).*from -1 to 1"):
+        layer([np.zeros((2, 3), "float32"), np.array([-1, 1])])
+    with pytest.raises(ValueError, match=r"\[0, 4\).*from 0 to 4"):
+        layer([np.zeros((2, 3), "float32"), np.array([0, 4])])
+    with pytest.raises(ValueError, match="integer-valued"):
+        layer([np.zeros((2, 3), "float32"), np.array([0.5, 1.0], "float32")])
+    with pytest.raises(ValueError, match=r"labels.*\(2, 2\)"):
+        layer([np.zeros((2, 3), "float32"), np.zeros((2, 2), "int32")])
+    with pytest.raises(ValueError, match="num_classes"):
+        CenterLoss(0)
+    with pytest.raises(ValueError, match="alpha"):
+        CenterLoss(K, alpha=-1.0)
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="torch fit runs eagerly: it raises")
+def test_out_of_range_labels_in_compiled_fit_are_ignored():
+    """Documented compiled-mode behaviour: such samples add nothing (still in B)."""
+    rng = np.random.default_rng(4)
+    n = 8
+    x = rng.normal(size=(n, D)).astype("float32")
+    y = np.array([0, 1, -1, 2, K, 3, 1, 7], "int32")
+    c0 = rng.normal(size=(K, D))
+    layer = CenterLoss(K, alpha=0.5, centers_initializer=keras.initializers.Constant(c0))
+    features = keras.Input((D,))
+    labels = keras.Input((), dtype="int32")
+    model = keras.Model([features, labels], layer([features, labels]))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
+    history = model.fit([x, y], batch_size=n, verbose=0)
+    np.testing.assert_allclose(
+        to_numpy(layer.centers), numpy_center_step(c0, x, y, 0.5), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        history.history["loss"][0], 0.01 * numpy_center_loss(c0, x, y), rtol=1e-5
+    )
+
+
+def test_trainable_centers_opt_in_get_optimizer_step():
+    rng = np.random.default_rng(5)
+    n, lr, alpha = 6, 0.2, 0.5
+    x = rng.normal(size=(n, D)).astype("float32")
+    y = np.array([0, 0, 1, 3, 3, 3], "int32")
+    c0 = rng.normal(size=(K, D))
+    layer = CenterLoss(
+        K,
+        alpha=alpha,
+        centers_trainable=True,
+        centers_initializer=keras.initializers.Constant(c0),
+    )
+    features = keras.Input((D,))
+    labels = keras.Input((), dtype="int32")
+    model = keras.Model([features, labels], layer([features, labels]))
+    assert any(v is layer.centers for v in model.trainable_variables)
+    model.compile(optimizer=keras.optimizers.SGD(lr))
+    history = model.fit([x, y], batch_size=n, verbose=0)
+    np.testing.assert_allclose(
+        to_numpy(layer.centers),
+        numpy_center_step(c0, x, y, lr * alpha),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # The zero-valued surrogate term leaves the loss value alone.
+    np.testing.assert_allclose(
+        history.history["loss"][0], 0.01 * numpy_center_loss(c0, x, y), rtol=1e-5
+    )
+
+
+def test_default_initializer_is_seed_kaiming_normal():
+    layer = CenterLoss(50)
+    layer.build([(None, 400), (None,)])
+    c = to_numpy(layer.centers)
+    assert c.shape == (50, 400)
+    std = np.sqrt(2.0 / 50)  # torch kaiming_normal_ on centers.t(): fan_in = 50
+    assert abs(c.std() / std - 1) < 0.03
+    assert abs(c.mean()) < 0.01
+    assert np.abs(c).max() > 3 * std  # untruncated
+
+
+def test_identity_without_labels_and_inference_model():
+    layer = CenterLoss(K)
+    features = np.arange(6, dtype="float32").reshape(2, 3)
+    np.testing.assert_array_equal(to_numpy(layer(features)), features)
+    assert not layer.losses
+
+
+def test_save_load_round_trip(tmp_path):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(8, D)).astype("float32")
+    y = rng.integers(0, K, size=8).astype("int32")
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.5, 10, 0.9)
+    layer = CenterLoss(K, alpha=schedule, loss_weight=0.02, name="center")
+    model = identity_feature_model(layer)
+    model.compile(
+        optimizer="sgd",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit([x, y], y, batch_size=4, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    restored = loaded.get_layer("center")
+    assert isinstance(restored, CenterLoss)
+    np.testing.assert_array_equal(to_numpy(restored.centers), to_numpy(layer.centers))
+    assert int(ops.convert_to_numpy(restored.iterations)) == 2
+    assert restored.loss_weight == 0.02
+    assert isinstance(restored.alpha, keras.optimizers.schedules.ExponentialDecay)
+    assert restored.alpha.get_config() == schedule.get_config()
+    np.testing.assert_allclose(
+        to_numpy(loaded.predict([x, y], verbose=0)),
+        to_numpy(model.predict([x, y], verbose=0)),
+        rtol=1e-6,
+    )
+    # and it keeps training from the restored centers and step counter
+    before = to_numpy(restored.centers)
+    loaded.fit([x, y], y, batch_size=8, verbose=0)
+    alpha = 0.5 * 0.9 ** (2 / 10)
+    np.testing.assert_allclose(
+        to_numpy(restored.centers),
+        numpy_center_step(before, x, y, alpha),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+# -------------------------------------------------------- PyTorch parity
+
+
+def _torch_parity_setup():
+    torch = pytest.importorskip("torch")
+    from tests.references.torch_center_loss import TorchCenterLoss
+
+    return torch, TorchCenterLoss
+
+
+def test_pytorch_parity_joint_training_20_steps():
+    """Seed 003's algorithm in PyTorch vs the Keras layer, from equal weights.
+
+    20 SGD steps (the last batch short), cross-entropy + 0.01 * center loss.
+    """
+    torch, TorchCenterLoss = _torch_parity_setup()
+    rng = np.random.default_rng(7)
+    n_in, hidden, classes, feat = 6, 16, 5, 2
+    batch_size, steps, lr, lam, alpha = 8, 20, 0.05, 0.01, 0.5
+    n = batch_size * (steps - 1) + 5
+    x = rng.normal(size=(n, n_in)).astype("float32")
+    y = rng.integers(0, classes, size=n).astype("int32")
+    w1 = rng.normal(scale=0.5, size=(n_in, hidden)).astype("float32")
+    b1 = rng.normal(scale=0.1, size=hidden).astype("float32")
+    w2 = rng.normal(scale=0.5, size=(hidden, feat)).astype("float32")
+    b2 = rng.normal(scale=0.1, size=feat).astype("float32")
+    w3 = rng.normal(scale=0.5, size=(feat, classes)).astype("float32")
+    b3 = rng.normal(scale=0.1, size=classes).astype("float32")
+    c0 = (rng.normal(size=(classes, feat)) * np.sqrt(2 / classes)).astype("float32")
+
+    # PyTorch, as in the seed's training loop.
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict(
+        {
+            "l1": torch.nn.Linear(n_in, hidden),
+            "l2": torch.nn.Linear(hidden, feat),
+            "l3": torch.nn.Linear(feat, classes),
+        }
+    )
+    with torch.no_grad():
+        for name, (w, b) in zip(("l1", "l2", "l3"), ((w1, b1), (w2, b2), (w3, b3))):
+            net[name].weight.copy_(torch.from_numpy(w.T))
+            net[name].bias.copy_(torch.from_numpy(b))
+    center = TorchCenterLoss(classes, feat, centers=torch.from_numpy(c0))
+    opt_net = torch.optim.SGD(net.parameters(), lr=lr)
+    opt_center = center.make_optimizer(alpha)
+    xent = torch.nn.CrossEntropyLoss()
+    totals, center_values, sizes = [], [], []
+    for part in batches(n, batch_size):
+        xb = torch.from_numpy(x[part])
+        yb = torch.from_numpy(y[part]).long()
+        feats = net["l2"](torch.relu(net["l1"](xb)))
+        logits = net["l3"](feats)
+        c_loss = center(feats, yb)
+        loss = xent(logits, yb) + lam * c_loss
+        opt_net.zero_grad()
+        opt_center.zero_grad()
+        loss.backward()
+        opt_net.step()
+        opt_center.step()
+        totals.append(loss.item())
+        center_values.append(c_loss.item())
+        sizes.append(len(yb))
+    assert len(sizes) == steps and sizes[-1] == 5
+
+    # Keras.
+    images = keras.Input((n_in,))
+    labels = keras.Input((), dtype="int32")
+    d1 = keras.layers.Dense(hidden, activation="relu")
+    d2 = keras.layers.Dense(feat)
+    d3 = keras.layers.Dense(classes)
+    layer = CenterLoss(
+        classes,
+        alpha=alpha,
+        loss_weight=lam,
+        centers_initializer=keras.initializers.Constant(c0),
+    )
+    logits = d3(layer([d2(d1(images)), labels]))
+    model = keras.Model([images, labels], logits)
+    for dense, (w, b) in zip((d1, d2, d3), ((w1, b1), (w2, b2), (w3, b3))):
+        dense.set_weights([w, b])
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    history = model.fit([x, y], y, batch_size=batch_size, shuffle=False, verbose=0)
+
+    rel = dict(rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        history.history["loss"][0], np.average(totals, weights=sizes), **rel
+    )
+    if BACKEND != "jax":
+        np.testing.assert_allclose(
+            history.history[f"{layer.name}_value"][0],
+            np.average(center_values, weights=sizes),
+            **rel,
+        )
+    np.testing.assert_allclose(
+        to_numpy(layer.centers), center.centers.detach().numpy(), **rel
+    )
+    for dense, name in zip((d1, d2, d3), ("l1", "l2", "l3")):
+        kernel, bias = dense.get_weights()
+        np.testing.assert_allclose(kernel, net[name].weight.detach().numpy().T, **rel)
+        np.testing.assert_allclose(bias, net[name].bias.detach().numpy(), **rel)
+    # The run must have moved everything noticeably (the test can fail).
+    assert np.abs(to_numpy(layer.centers) - c0).max() > 0.05
+    assert np.abs(d2.get_weights()[0] - w2).max() > 1e-3
