@@ -1,0 +1,208 @@
+"""Tests of `keras_batchfix.diagnose` and its command line (any backend)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_batchfix
+from keras_batchfix.__main__ import main
+from tests.seed_losses import N_CLASSES
+from tests.seed_losses import ssd_batch
+from tests.seed_losses import ssd_keras_style_loss
+from tests.seed_losses import ssd_keras_style_loss_times_batch
+from tests.seed_losses import unnormalized_sum
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return ssd_batch(batch_size=8, anchors=12, seed=1)
+
+
+def run(loss, batch, **kwargs):
+    y_true, y_pred = batch
+    return keras_batchfix.diagnose(loss, y_true, y_pred, verbose=False, **kwargs)
+
+
+def keras_evaluate(loss, y_true, y_pred):
+    """The loss Keras itself reports for one batch, via compile + evaluate."""
+    model = keras.Sequential([keras.Input(y_pred.shape[1:]), keras.layers.Identity()])
+    model.compile(loss=loss)
+    return model.evaluate(y_pred, y_true, batch_size=len(y_pred), verbose=0)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        "mse",
+        keras.losses.MeanAbsoluteError(),
+        keras.losses.Huber(),
+        keras.losses.CategoricalCrossentropy(from_logits=True),
+    ],
+    ids=["mse", "mae", "huber", "cce"],
+)
+def test_builtin_losses_are_invariant(loss, batch):
+    y_true, y_pred = batch
+    if isinstance(loss, keras.losses.CategoricalCrossentropy):
+        y_true, y_pred = y_true[..., :N_CLASSES], y_pred[..., :N_CLASSES]
+    result = run(loss, (y_true, y_pred))
+    assert result.verdict == "invariant" and result.fix == "none" and result.ok
+    assert abs(result.exponent) < 1e-3
+    assert result.replica_ratio == pytest.approx(1.0, rel=1e-4)
+
+
+def test_diagnose_reduces_like_compile(batch):
+    # The value at repetition 1 is what Keras's own compile/evaluate reports.
+    y_true, y_pred = batch
+    for loss in (ssd_keras_style_loss, "mse"):
+        result = run(loss, batch)
+        reported = keras_evaluate(loss, y_true, y_pred)
+        assert result.repetitions[0][2] == pytest.approx(reported, rel=1e-5)
+
+
+def test_ssd_keras_style_without_batch_size_is_inverse(batch):
+    result = run(ssd_keras_style_loss, batch)
+    assert result.verdict == "inverse_batch_size"
+    assert result.fix == "compensate"
+    assert result.exponent == pytest.approx(-1.0, abs=1e-3)
+    # Independent property of the bug: loss(k copies) * k is constant.
+    values = [k * value for k, _, value in result.repetitions]
+    np.testing.assert_allclose(values, values[0], rtol=1e-5)
+    assert result.spike_factor(32, 4) == pytest.approx(8.0, rel=1e-2)
+    assert "compensate" in result.advice and "compensate" in str(result)
+
+
+def test_ssd_keras_style_with_batch_size_is_invariant(batch):
+    result = run(ssd_keras_style_loss_times_batch, batch)
+    assert result.verdict == "invariant"
+    assert abs(result.exponent) < 1e-3
+    assert result.spike_factor(32, 4) == pytest.approx(1.0, abs=1e-2)
+
+
+def test_compensate_fixes_the_ssd_keras_style_loss(batch):
+    fixed = keras_batchfix.compensate(ssd_keras_style_loss)
+    result = run(fixed, batch)
+    assert result.verdict == "invariant"
+    # The compensated value is the per-batch normalized loss, independently:
+    y_true, y_pred = batch
+    per_image = ssd_keras_style_loss(y_true, y_pred)
+    expected = float(ops.sum(per_image))
+    assert result.repetitions[0][2] == pytest.approx(expected, rel=1e-5)
+
+
+def test_package_ssd_loss_is_invariant(batch):
+    loss = keras_batchfix.SSDMultiboxLoss(num_classes=N_CLASSES, from_logits=True)
+    result = run(loss, batch, repeats=(1, 2))
+    assert result.verdict == "invariant"
+    assert abs(result.exponent) < 1e-3
+    assert result.replica_ratio == pytest.approx(1.0, rel=1e-4)
+
+
+def test_unnormalized_sum_scales_with_batch(batch):
+    result = run(unnormalized_sum, batch)
+    assert result.verdict == "batch_size" and result.fix == "reduction"
+    assert result.exponent == pytest.approx(1.0, abs=1e-3)
+    assert result.return_shape == ()
+
+
+def test_sum_reduction_is_reported_as_the_cause(batch):
+    loss = keras.losses.MeanSquaredError(reduction="sum")
+    result = run(loss, batch)
+    assert result.verdict == "batch_size"
+    assert "sum_over_batch_size" in result.advice
+
+
+def test_scalar_mean_loss_fails_the_replica_check(batch):
+    # Batch-invariant, but a scalar skips Keras's 1/num_replicas under
+    # tf.distribute: the split objective is num_replicas times too large.
+    def scalar_mse(y_true, y_pred):
+        return ops.mean(ops.square(y_true - y_pred))
+
+    for replicas in (2, 4):
+        result = run(scalar_mse, batch, num_replicas=replicas)
+        assert result.verdict == "replica_scaling" and result.fix == "compensate"
+        assert abs(result.exponent) < 1e-3
+        assert result.replica_ratio == pytest.approx(replicas, rel=1e-4)
+    fixed = run(keras_batchfix.compensate(scalar_mse), batch)
+    assert fixed.verdict == "invariant"
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="tf.distribute only"
+)
+def test_replica_check_uses_a_real_strategy_on_tensorflow(batch):
+    # conftest creates 2 logical CPUs: the check runs a MirroredStrategy, and
+    # must agree with the rule Keras documents (scalar: no 1/R; (B,): 1/R).
+    scalar = run(keras.losses.Dice(), batch)
+    assert scalar.replica_mode == "mirrored"
+    assert scalar.replica_ratio == pytest.approx(2.0, rel=1e-4)
+    assert scalar.verdict == "replica_scaling"
+    per_sample = run(ssd_keras_style_loss_times_batch, batch)
+    assert per_sample.replica_mode == "mirrored"
+    assert per_sample.replica_ratio == pytest.approx(1.0, rel=1e-4)
+    package = run(keras_batchfix.compensate(ssd_keras_style_loss), batch)
+    assert package.replica_ratio == pytest.approx(1.0, rel=1e-4)
+
+
+def test_shape_notes(batch):
+    result = run("mse", batch)
+    assert result.return_shape == ("B", 12)
+    assert any("1/12" in note for note in result.notes)
+
+
+def test_rejects_bad_input(batch):
+    y_true, y_pred = batch
+    with pytest.raises(ValueError, match="at least 2"):
+        keras_batchfix.diagnose("mse", y_true[:1], y_pred[:1], verbose=False)
+    with pytest.raises(ValueError, match="same batch size"):
+        keras_batchfix.diagnose("mse", y_true, y_pred[:4], verbose=False)
+    with pytest.raises(ValueError, match="repeats"):
+        keras_batchfix.diagnose("mse", y_true, y_pred, repeats=(1,), verbose=False)
+
+
+@pytest.fixture
+def npz(tmp_path, batch):
+    path = tmp_path / "batch.npz"
+    np.savez(path, y_true=batch[0], y_pred=batch[1])
+    return str(path)
+
+
+def test_cli_in_process(npz, capsys):
+    spec = "tests.seed_losses:ssd_keras_style_loss"
+    assert main(["diagnose", spec, "--data", npz]) == 0
+    out = capsys.readouterr().out
+    assert "VERDICT: inverse_batch_size" in out and "compensate" in out
+    assert main(["diagnose", spec, "--data", npz, "--strict"]) == 3
+    capsys.readouterr()
+    assert main(["diagnose", "mse", "--data", npz, "--json", "--strict"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verdict"] == "invariant"
+    assert main(["diagnose", "tests.seed_losses:nope", "--data", npz]) == 1
+    assert "nope" in capsys.readouterr().err
+
+
+def test_cli_subprocess(tmp_path):
+    # The real `python -m keras_batchfix` entry point, on a tiny batch.
+    path = tmp_path / "small.npz"
+    y_true, y_pred = ssd_batch(batch_size=4, anchors=6, seed=2)
+    np.savez(path, y_true=y_true, y_pred=y_pred)
+    spec = "tests.seed_losses:ssd_keras_style_loss_times_batch"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    command = [sys.executable, "-m", "keras_batchfix", "diagnose", spec]
+    proc = subprocess.run(
+        command + ["--data", str(path), "--repeats", "1,2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "VERDICT: invariant -> fix: none" in proc.stdout
