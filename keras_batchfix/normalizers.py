@@ -44,8 +44,9 @@ class LocalCount:
 
     Example:
 
-    >>> LocalCount()(keras.ops.convert_to_tensor(0.0))  # no positives
-    1.0
+    ```python
+    loss = keras_batchfix.SSDMultiboxLoss(21, normalizer=LocalCount())
+    ```
     """
 
     def __call__(self, count):
@@ -61,6 +62,57 @@ class LocalCount:
 
     def __repr__(self):
         return f"{type(self).__name__}()"
+
+
+@keras.saving.register_keras_serializable(package="keras_batchfix")
+class GlobalCount(LocalCount):
+    """Normalize by the count of the whole global batch, all replicas together.
+
+    divisor = max(1, sum over replicas of count) / gradient_averaging
+
+    Each replica divides its own numerator by the global count, so the
+    replicas' summed gradients are exactly those of one device seeing the
+    global batch, however the batch splits (an uneven last batch included).
+    This is what FCOS and mmdet do (with `all_reduce`); without it, the loss
+    changes with the number of devices.
+
+    * TensorFlow (`tf.distribute`, mirrored or multi-worker): the count is
+      all-reduced with `SUM` across replicas; gradients are summed by Keras.
+    * JAX (`keras.distribution.DataParallel`): the loss already sees the
+      global batch, nothing to reduce.
+    * torch with `torch.distributed` initialized (DDP): the count is
+      all-reduced, and the divisor is divided by the world size because DDP
+      averages gradients.
+
+    Hard-negative mining stays per replica: `SSDMultiboxLoss(mining="batch")`
+    ranks the negatives of the local batch only, so use
+    `mining="per_image"` where results must not depend on the replica split.
+    """
+
+    def __call__(self, count):
+        count = ops.cast(ops.stop_gradient(count), "float32")
+        total, gradient_averaging = _all_reduce_sum(count)
+        return ops.maximum(total, 1.0) / gradient_averaging
+
+
+def _all_reduce_sum(value):
+    """`(sum of value over replicas, factor the framework divides grads by)`."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        # None in a cross-replica context, e.g. while Keras traces a model.
+        if tf.distribute.has_strategy() and context is not None:
+            return context.all_reduce("SUM", value), 1.0
+    elif backend == "torch":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            total = value.detach().clone()
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            return total, float(dist.get_world_size())
+    return value, 1.0
 
 
 def get(identifier):

@@ -18,3 +18,20 @@ if keras.backend.backend() == "tensorflow":
         _cpu,
         [tf.config.LogicalDeviceConfiguration()] * 2,
     )
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """One `MirroredStrategy` over the two logical CPUs for the whole session.
+
+    A second strategy over the same devices restarts the collective instance
+    keys, and TensorFlow then matches its first all-reduce with a stale one of
+    the previous strategy ("Shape mismatch in the collective instance 100")
+    whenever their shapes differ. Sharing one strategy avoids that.
+    """
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.distribute needs the TensorFlow backend")
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -6,6 +6,7 @@ from keras import ops
 from keras_batchfix import SSDMultiboxLoss, compensate
 from keras_batchfix.compensate import Compensated
 from tests.ssd_data import random_batch
+from tests.training import fit_dense
 
 NUM_CLASSES = 4
 
@@ -166,32 +167,6 @@ def test_model_save_round_trip(tmp_path):
     )
 
 
-def dense_model(seed, depth):
-    inputs = keras.Input((6, 3))
-    outputs = keras.layers.Dense(
-        depth, kernel_initializer=keras.initializers.GlorotUniform(seed)
-    )(inputs)
-    return keras.Model(inputs, outputs)
-
-
-def train(loss, x, y, strategy=None, batch_size=8):
-    def build_and_fit():
-        model = dense_model(seed=11, depth=3)
-        model.compile(
-            optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=loss
-        )
-        model.fit(x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0)
-        return [w.numpy() for w in model.weights]
-
-    if strategy is None:
-        return build_and_fit()
-    with strategy.scope():
-        return build_and_fit()
-
-
-@pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="tf.distribute only"
-)
 @pytest.mark.parametrize(
     "loss",
     [
@@ -202,15 +177,16 @@ def train(loss, x, y, strategy=None, batch_size=8):
     ],
     ids=["per_element", "per_sample", "scalar", "numerator_and_count"],
 )
-def test_mirrored_strategy_equals_one_device(loss):
-    import tensorflow as tf
-
+def test_mirrored_strategy_equals_one_device(loss, mirrored_strategy):
     rng = np.random.default_rng(8)
     x = rng.normal(size=(32, 6, 3)).astype("float32")
     y_true, _ = flagged_batch(rng, 32)  # every image has 2 flagged anchors
-    single = train(loss, x, y_true)
-    mirrored = train(
-        loss, x, y_true, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    kernel = rng.normal(size=(3, 3)).astype("float32")
+    bias = np.zeros(3, "float32")
+    single = fit_dense(loss, x, y_true, kernel, bias, batch_size=8, epochs=2)
+    mirrored = fit_dense(
+        loss, x, y_true, kernel, bias, batch_size=8, epochs=2,
+        strategy=mirrored_strategy,
     )
     for got, want in zip(mirrored, single):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

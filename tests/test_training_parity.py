@@ -1,12 +1,12 @@
 """Keras `fit` with the package's losses ends where the same PyTorch loop ends."""
 
-import keras
 import numpy as np
 import pytest
 from keras import ops
 
 from keras_batchfix import SSDMultiboxLoss, compensate
 from tests.ssd_data import random_batch
+from tests.training import fit_dense
 
 torch = pytest.importorskip("torch")
 from tests.references.torch_multibox import multibox_loss  # noqa: E402
@@ -32,13 +32,7 @@ def dataset():
 
 
 def train_keras(loss, x, y, kernel, bias):
-    inputs = keras.Input((ANCHORS, FEATURES))
-    dense = keras.layers.Dense(NUM_CLASSES + 4)
-    model = keras.Model(inputs, dense(inputs))
-    dense.set_weights([kernel, bias])
-    model.compile(optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM), loss=loss)
-    model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0)
-    return [ops.convert_to_numpy(w) for w in dense.weights]
+    return fit_dense(loss, x, y, kernel, bias, BATCH, EPOCHS, LR, MOMENTUM)
 
 
 def train_torch(x, y, kernel, bias):
