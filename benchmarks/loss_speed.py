@@ -1,0 +1,219 @@
+"""Forward + backward time of `SSDMultiboxLoss` on every backend, as ratios.
+
+Baselines measured in the same run:
+
+* `torch reference`: the PyTorch multibox loss of `tests/references`
+  (ssd.pytorch's double argsort for per-image mining);
+* `floor`: softmax cross-entropy plus smooth L1 over all anchors, no mining,
+  written in `keras.ops` and timed the same way on the same backend: what
+  any SSD loss costs before mining.
+
+Each backend runs in its own process (Keras picks its backend at import).
+
+    python benchmarks/loss_speed.py             # B = 8, 32, 128; 8732 anchors
+    python benchmarks/loss_speed.py --quick     # small shapes, a smoke run
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 21
+
+
+def make_batch(batch_size, anchors, seed=0):
+    import numpy as np
+
+    sys.path.insert(0, ROOT)
+    from tests.ssd_data import random_batch
+
+    return random_batch(
+        np.random.default_rng(seed), batch_size, anchors, NUM_CLASSES,
+        positive_fraction=0.01, neutral_fraction=0.02,
+    )
+
+
+def median_seconds(step, repeats, warmup=2):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def floor_loss(y_true, y_pred):
+    from keras import ops
+
+    from keras_batchfix.ssd_loss import smooth_l1
+
+    n = NUM_CLASSES
+    log_probs = ops.log_softmax(y_pred[..., :n], axis=-1)
+    cross_entropy = -ops.sum(y_true[..., :n] * log_probs, axis=-1)
+    box = ops.sum(smooth_l1(y_pred[..., n : n + 4] - y_true[..., n : n + 4]), -1)
+    return ops.sum(cross_entropy + box) / ops.maximum(ops.sum(y_true[..., 1:n]), 1.0)
+
+
+def keras_steps(y_true, y_pred):
+    """`{mode: {loss name: step function}}` for the running backend."""
+    import keras
+
+    from keras_batchfix import SSDMultiboxLoss
+
+    losses = {
+        "batch": SSDMultiboxLoss(NUM_CLASSES, from_logits=True, mining="batch"),
+        "per_image": SSDMultiboxLoss(
+            NUM_CLASSES, from_logits=True, mining="per_image"
+        ),
+        "floor": floor_loss,
+    }
+    backend = keras.backend.backend()
+    steps = {}
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        t, p = tf.constant(y_true), tf.constant(y_pred)
+
+        def value_and_grad(loss):
+            def step(t, p):
+                with tf.GradientTape() as tape:
+                    tape.watch(p)
+                    value = loss(t, p)
+                return value, tape.gradient(value, p)
+
+            return step
+
+        for mode, wrap in (
+            ("tf eager", lambda f: f),
+            ("tf.function", tf.function),
+            ("tf XLA", lambda f: tf.function(f, jit_compile=True)),
+        ):
+            steps[mode] = {}
+            for name, loss in losses.items():
+                fn = wrap(value_and_grad(loss))
+                steps[mode][name] = lambda fn=fn: [x.numpy() for x in fn(t, p)]
+    elif backend == "jax":
+        import jax
+
+        t, p = jax.numpy.asarray(y_true), jax.numpy.asarray(y_pred)
+        steps["jax jit"] = {}
+        for name, loss in losses.items():
+            fn = jax.jit(jax.value_and_grad(lambda p, loss=loss: loss(t, p)))
+            steps["jax jit"][name] = lambda fn=fn: jax.block_until_ready(fn(p))
+    elif backend == "torch":
+        import torch
+
+        t = torch.tensor(y_true)
+        steps["torch eager"] = {}
+        for name, loss in losses.items():
+
+            def step(loss=loss):
+                p = torch.tensor(y_pred, requires_grad=True)
+                loss(t, p).backward()
+
+            steps["torch eager"][name] = step
+    return steps
+
+
+def torch_reference_steps(y_true, y_pred):
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from tests.references.torch_multibox import multibox_loss
+
+    t = torch.tensor(y_true)
+
+    def step(mining):
+        p = torch.tensor(y_pred, requires_grad=True)
+        multibox_loss(t, p, NUM_CLASSES, mining=mining, from_logits=True).backward()
+
+    return {
+        "torch reference": {
+            mode: (lambda mode=mode: step(mode)) for mode in ("batch", "per_image")
+        }
+    }
+
+
+def worker(args):
+    """Runs in a child process: times every step, prints one JSON line."""
+    results = {}
+    for batch_size in args.batch_sizes:
+        y_true, y_pred = make_batch(batch_size, args.anchors)
+        if args.worker == "reference":
+            steps = torch_reference_steps(y_true, y_pred)
+        else:
+            steps = keras_steps(y_true, y_pred)
+        for mode, named in steps.items():
+            for name, step in named.items():
+                seconds = median_seconds(step, args.repeats)
+                results.setdefault(f"{batch_size}", {}).setdefault(mode, {})[
+                    name
+                ] = seconds
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+def run_child(kind, args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if kind != "reference":
+        env["KERAS_BACKEND"] = kind
+    command = [
+        sys.executable, os.path.abspath(__file__), "--worker", kind,
+        "--anchors", str(args.anchors), "--repeats", str(args.repeats),
+        "--batch-sizes", *map(str, args.batch_sizes),
+    ]
+    print(f"timing {kind} ...", file=sys.stderr, flush=True)
+    out = subprocess.run(command, env=env, capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{kind} benchmark failed:\n{out.stderr[-3000:]}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--anchors", type=int, default=8732)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax", "torch"])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.anchors, args.batch_sizes, args.repeats = 500, [4], 2
+    if args.worker:
+        return worker(args)
+
+    reference = run_child("reference", args)
+    measured = {backend: run_child(backend, args) for backend in args.backends}
+    header = (
+        f"{'B':>4} {'backend/mode':<13} {'mining':<10} {'median ms':>10} "
+        f"{'/ torch ref':>11} {'/ floor':>8}"
+    )
+    print(f"SSDMultiboxLoss forward+backward, {args.anchors} anchors, "
+          f"{NUM_CLASSES} classes, median of {args.repeats}")
+    print(header)
+    for batch_size in map(str, args.batch_sizes):
+        ref = reference[batch_size]["torch reference"]
+        for mining in ("batch", "per_image"):
+            print(f"{batch_size:>4} {'torch ref':<13} {mining:<10} "
+                  f"{ref[mining] * 1e3:>10.1f} {1.0:>11.2f} {'':>8}")
+        for backend_results in measured.values():
+            for mode, named in backend_results[batch_size].items():
+                for mining in ("batch", "per_image"):
+                    seconds = named[mining]
+                    print(
+                        f"{batch_size:>4} {mode:<13} {mining:<10} "
+                        f"{seconds * 1e3:>10.1f} {seconds / ref[mining]:>11.2f} "
+                        f"{seconds / named['floor']:>8.2f}"
+                    )
+
+
+if __name__ == "__main__":
+    main()
