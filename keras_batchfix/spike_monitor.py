@@ -1,0 +1,671 @@
+"""`SpikeMonitor`: the loss of every training step, and why it spiked.
+
+Keras 3 hands callbacks `logs["loss"]`, the running mean of the epoch, so a
+one-step spike (the short last batch of an epoch, a learning-rate jump) is
+hidden. `SpikeMonitor` records, for every step, the loss of that batch, its
+batch size, the learning rate and optionally the global gradient norm; flags
+spikes against a rolling median and MAD; attributes each to a cause it can
+see; and writes a CSV, a PNG plot and optionally TensorBoard scalars.
+
+How the per-step loss is obtained (no extra computation in the train step):
+Keras accumulates the loss in `model._loss_tracker`, a `Mean` whose `total`
+gets `loss_t * b_t` and whose `count` gets `b_t` (the batch size is the
+sample weight, see `keras/src/backend/*/trainer.py`). The monitor reads both
+variables between steps (in `on_train_batch_begin`, which Keras calls
+synchronously, so it stays `async_safe`), and takes differences:
+`b_t = count_t - count_{t-1}`, `loss_t = (total_t - total_{t-1}) / b_t`.
+On JAX the values are read from the trainer's in-flight state
+(`model._jax_state`) without syncing the model's variables.
+
+Precision: `total` is a float32 accumulator, so `total_t` carries a rounding
+error of up to half an ulp, about `6e-8 * total_t`. The recovered loss has a
+relative error of about `6e-8 * (sum_{s<=t} b_s loss_s) / (b_t loss_t)`:
+`6e-8` times the number of steps so far in the epoch (times `B / b` for a
+short batch): 6e-5 after 1,000 steps, 3e-4 for a batch 8x shorter. The
+differences themselves are taken in float64 from the float32 values, which is
+exact. Inverting `logs["loss"]` instead (`mean_t * seen_t - mean_{t-1} *
+seen_{t-1}`) would add the rounding of the division and need the sample
+counts from elsewhere; the tracker's `count` gives them exactly (up to 2**24
+samples per epoch, where float32 stops counting by ones).
+"""
+
+import csv
+import math
+import os
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+COLUMNS = (
+    "step",
+    "epoch",
+    "batch",
+    "loss",
+    "batch_size",
+    "learning_rate",
+    "grad_norm",
+    "score",
+    "spike",
+    "cause",
+)
+
+
+def detect_spikes(losses, threshold=6.0, window=50, min_history=10, min_scale=1e-3):
+    """Robust upward outliers of a loss curve.
+
+    `score_t = (loss_t - median) / max(1.4826 * MAD, min_scale * |median|)`,
+    the median and MAD (median absolute deviation) taken over the up to
+    `window` steps before `t` (not `t` itself). `1.4826 * MAD` estimates a
+    standard deviation; the `min_scale` floor keeps a nearly constant loss
+    from turning rounding into spikes.
+
+    Args:
+        losses: 1-D per-step losses (NaN entries are skipped in histories).
+        threshold: score above which a step is a spike.
+        window: steps of history.
+        min_history: steps of history needed before scoring (earlier: NaN).
+        min_scale: relative floor of the scale (fraction of the median).
+
+    Returns:
+        `(scores, spikes)`: float array (NaN where unscored) and bool array.
+
+    Example:
+
+    >>> losses = np.ones(40); losses[30] = 5.0
+    >>> detect_spikes(losses)[1].nonzero()[0]
+    array([30])
+    """
+    losses = np.asarray(losses, dtype="float64")
+    n = losses.size
+    scores = np.full(n, np.nan)
+    if n == 0:
+        return scores, np.zeros(0, dtype=bool)
+    padded = np.concatenate([np.full(window, np.nan), losses])
+    # History of step t: padded[t : t + window] (the `window` steps before t).
+    history = np.lib.stride_tricks.sliding_window_view(padded, window)[:n]
+    counts = np.sum(np.isfinite(history), axis=1)
+    enough = counts >= max(1, min_history)
+    if np.any(enough):
+        hist = history[enough]
+        median = np.nanmedian(hist, axis=1)
+        mad = np.nanmedian(np.abs(hist - median[:, None]), axis=1)
+        scale = np.maximum(1.4826 * mad, min_scale * np.abs(median))
+        scale = np.maximum(scale, np.finfo("float64").tiny)
+        scores[enough] = (losses[enough] - median) / scale
+    spikes = np.nan_to_num(scores, nan=-np.inf) > threshold
+    return scores, spikes
+
+
+def attribute_spikes(spikes, batch_sizes, learning_rates, lookback=2, lr_rtol=0.05):
+    """Names the visible cause of each spike.
+
+    * `"short_batch"`: the step's batch is smaller than the usual (most
+      common) batch size; `"after_short_batch"`: one of the `lookback` steps
+      before was (momentum carries its inflated gradient forward);
+    * `"lr_change"`: the learning rate changed by more than `lr_rtol`
+      (relative) at the step or up to `lookback` steps before;
+    * `"unknown"`: none of these. Several causes are joined with `+`.
+
+    Returns a list of strings, `""` for steps that are not spikes.
+    """
+    spikes = np.asarray(spikes, dtype=bool)
+    sizes = np.asarray(batch_sizes, dtype="float64")
+    rates = np.asarray(learning_rates, dtype="float64")
+    usual = usual_batch_size(sizes)
+    short = sizes < usual
+    changed = np.zeros(len(rates), dtype=bool)
+    if len(rates) > 1:
+        previous, current = rates[:-1], rates[1:]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            relative = np.abs(current - previous) / np.abs(previous)
+        relative = np.where(previous == 0, np.where(current == 0, 0.0, np.inf), relative)
+        changed[1:] = np.nan_to_num(relative, nan=0.0) > lr_rtol
+    causes = []
+    for t, is_spike in enumerate(spikes):
+        if not is_spike:
+            causes.append("")
+            continue
+        found = []
+        before = slice(max(0, t - lookback), t)
+        if short[t]:
+            found.append("short_batch")
+        elif np.any(short[before]):
+            found.append("after_short_batch")
+        if np.any(changed[max(0, t - lookback) : t + 1]):
+            found.append("lr_change")
+        causes.append("+".join(found) or "unknown")
+    return causes
+
+
+def usual_batch_size(batch_sizes):
+    """The most common batch size (the largest of equally common ones)."""
+    sizes = np.asarray(batch_sizes, dtype="float64")
+    sizes = sizes[np.isfinite(sizes)]
+    if sizes.size == 0:
+        return float("nan")
+    values, counts = np.unique(sizes, return_counts=True)
+    return float(values[counts == counts.max()].max())
+
+
+class SpikeMonitor(keras.callbacks.Callback):
+    """Records the loss of every training step and explains its spikes.
+
+    For every step of `fit` the monitor records the loss of that batch (not
+    the epoch's running mean that `logs["loss"]` holds), its batch size, the
+    learning rate (schedules and callbacks that set it included) and,
+    optionally, the global gradient norm. At the end of `fit` it flags spikes
+    (score above `threshold` against the rolling median and MAD of the
+    previous `window` steps, see `detect_spikes`), names their cause
+    (`"short_batch"`, `"after_short_batch"`, `"lr_change"` or `"unknown"`, see
+    `attribute_spikes`), prints a summary, and writes into `log_dir`:
+    `steps.csv`, `steps.png` (loss with spikes marked; batch size, learning
+    rate and gradient norm beneath; needs matplotlib, the `plots` extra) and,
+    with `tensorboard=True`, TensorBoard scalars under `log_dir/tensorboard`.
+
+    Spikes at every short batch mean the loss scales with the batch size:
+    check it with `keras_batchfix.diagnose`.
+
+    Cost: three or four scalar reads between steps; no change to the train
+    step unless `gradient_norm=True`, which wraps `optimizer.apply` to compute
+    `sqrt(sum_i ||g_i||^2)` of the gradients it receives (before clipping;
+    unscaled under `LossScaleOptimizer`) and rebuilds the train function
+    (on JAX the value leaves the jitted step through `jax.debug.callback`).
+    The gradient norm is not available under `tf.distribute` (NaN, with a
+    warning). With `steps_per_execution=k` a "step" is one execution of `k`
+    batches (their mean loss and total batch size).
+
+    Args:
+        log_dir: folder for the CSV, the plot and TensorBoard; `None` writes
+            nothing (the data stay in `monitor.steps`).
+        threshold: spike score threshold (in robust standard deviations).
+        window: steps of history for the rolling median and MAD.
+        min_history: steps before the first score.
+        min_scale: relative floor of the MAD scale (see `detect_spikes`).
+        lookback: steps back a short batch or LR change may cause a spike.
+        lr_rtol: relative LR change that counts as a change.
+        gradient_norm: also record the global gradient norm.
+        plot: write `steps.png` (when `log_dir` is set).
+        tensorboard: write TensorBoard scalars (when `log_dir` is set).
+        verbose: 1 prints the summary at the end of `fit`, 0 is silent.
+
+    Attributes (after `fit`):
+        steps: dict of NumPy arrays, one entry per column of `COLUMNS`.
+        spikes: list of dicts (one per spike) with the same keys.
+
+    Example:
+
+    ```python
+    monitor = keras_batchfix.SpikeMonitor(log_dir="runs/spikes", threshold=6)
+    model.fit(x, y, batch_size=32, epochs=10, callbacks=[monitor])
+    monitor.spikes  # [{"step": 8, "cause": "short_batch", ...}, ...]
+    ```
+    """
+
+    def __init__(
+        self,
+        log_dir=None,
+        threshold=6.0,
+        window=50,
+        min_history=10,
+        min_scale=1e-3,
+        lookback=2,
+        lr_rtol=0.05,
+        gradient_norm=False,
+        plot=True,
+        tensorboard=False,
+        verbose=1,
+    ):
+        super().__init__()
+        if threshold <= 0:
+            raise ValueError(f"Argument `threshold` must be > 0; received {threshold!r}.")
+        if window < 2 or min_history < 1 or min_history > window:
+            raise ValueError(
+                "Arguments must satisfy 1 <= min_history <= window and window >= 2;"
+                f" received window={window!r}, min_history={min_history!r}."
+            )
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.threshold = float(threshold)
+        self.window = int(window)
+        self.min_history = int(min_history)
+        self.min_scale = float(min_scale)
+        self.lookback = int(lookback)
+        self.lr_rtol = float(lr_rtol)
+        self.gradient_norm = bool(gradient_norm)
+        self.plot = bool(plot)
+        self.tensorboard = bool(tensorboard)
+        self.verbose = int(verbose)
+        # Keras calls `on_train_batch_begin` synchronously; the monitor has no
+        # batch-end hook, so it does not force synchronous batch-end dispatch.
+        self.async_safe = True
+        self.steps = {name: np.zeros(0) for name in COLUMNS}
+        self.spikes = []
+
+    # -- fit hooks ---------------------------------------------------------
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        if getattr(model, "_loss_tracker", None) is None:
+            raise ValueError(
+                "SpikeMonitor needs a model compiled with a loss "
+                "(`model.compile(loss=...)`)."
+            )
+        if self.log_dir is not None and self.plot:
+            _import_pyplot_figure()  # fail now, not after training
+        self._backend = keras.backend.backend()
+        self._raw = []  # (epoch, batch, total, count, lr, iterations, grad_norm)
+        self._rows = []  # converted rows, dicts
+        self._pending = None
+        self._epoch = 0
+        self._grad_norms = {}
+        self._patched = None
+        self._optimizer = _innermost(model.optimizer)
+        self._schedule = None
+        if isinstance(
+            getattr(self._optimizer, "_learning_rate", None),
+            keras.optimizers.schedules.LearningRateSchedule,
+        ):
+            self._schedule = self._optimizer._learning_rate
+        if self.gradient_norm:
+            self._patch_optimizer()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._pending = None
+        self._locate()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._finish_pending()
+        self._pending = (self._epoch, batch, self._read_lr(), self._read_iterations())
+
+    def on_test_begin(self, logs=None):
+        # Validation inside `fit` resets the loss tracker: read the last
+        # training step first.
+        self._finish_pending()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._finish_pending()
+        self._convert()
+
+    def on_train_end(self, logs=None):
+        self._finish_pending()
+        self._convert()
+        self._unpatch_optimizer()
+        self._analyze()
+        if self.log_dir is not None:
+            os.makedirs(self.log_dir, exist_ok=True)
+            self.write_csv(os.path.join(self.log_dir, "steps.csv"))
+            if self.plot:
+                self.write_plot(os.path.join(self.log_dir, "steps.png"))
+            if self.tensorboard:
+                self.write_tensorboard(os.path.join(self.log_dir, "tensorboard"))
+        if self.verbose:
+            print(self.summary())
+
+    # -- reading the model between steps -----------------------------------
+
+    def _locate(self):
+        """Indices of the variables in the JAX trainer's state lists."""
+        tracker = self.model._loss_tracker
+        opt = self._optimizer
+        self._vars = {
+            "total": (tracker.total, "metrics_variables"),
+            "count": (tracker.count, "metrics_variables"),
+            "iterations": (getattr(opt, "_iterations", None), "optimizer_variables"),
+            "lr": (getattr(opt, "_learning_rate", None), "optimizer_variables"),
+        }
+        self._index = {}
+        if self._backend != "jax":
+            return
+        lists = {
+            "metrics_variables": self.model.metrics_variables,
+            "optimizer_variables": list(self.model.optimizer.variables),
+        }
+        for key, (var, kind) in self._vars.items():
+            self._index[key] = next(
+                (i for i, v in enumerate(lists[kind]) if v is var), None
+            )
+
+    def _read(self, key):
+        var, kind = self._vars[key]
+        if var is None:
+            return float("nan")
+        if self._backend == "jax":
+            model = self.model
+            state = getattr(model, "_jax_state", None)
+            index = self._index.get(key)
+            if state and not getattr(model, "_jax_state_synced", True):
+                if index is None or kind not in state:
+                    return float("nan")
+                # Converted now: the next step donates (deletes) this buffer.
+                return float(state[kind][index])
+        return float(ops.convert_to_numpy(var.value))
+
+    def _read_lr(self):
+        lr = getattr(self._optimizer, "_learning_rate", None)
+        if self._schedule is not None:
+            return float("nan")  # evaluated from the iterations in _convert
+        if isinstance(lr, keras.Variable):
+            return self._read("lr")
+        if callable(lr):
+            return float(ops.convert_to_numpy(lr()))
+        try:
+            return float(lr)
+        except (TypeError, ValueError):
+            return float("nan")
+
+    def _read_iterations(self):
+        return self._read("iterations")
+
+    def _finish_pending(self):
+        if self._pending is None:
+            return
+        epoch, batch, lr, iterations = self._pending
+        self._pending = None
+        grad_norm = float("nan")
+        if self._patched is not None and self._backend == "tensorflow":
+            grad_norm = float(self._grad_norm_var.numpy())
+        elif self._patched is not None and self._backend == "torch":
+            value = self._grad_norm_value
+            grad_norm = float("nan") if value is None else float(value)
+        self._raw.append(
+            (epoch, batch, self._read("total"), self._read("count"), lr, iterations, grad_norm)
+        )
+
+    def _convert(self):
+        """Turns the raw reads of the finished steps into rows."""
+        if not self._raw:
+            return
+        if self._patched is not None and self._backend == "jax":
+            import jax
+
+            jax.effects_barrier()
+        raw, self._raw = self._raw, []
+        iterations = np.array([_to_float(r[5]) for r in raw])
+        if self._schedule is not None:
+            rates = self._schedule_values(iterations)
+        else:
+            rates = [_to_float(r[4]) for r in raw]
+        previous = None  # (epoch, total, count) of the step before
+        if self._rows:
+            last = self._rows[-1]
+            previous = (last["epoch"], last["_total"], last["_count"])
+        for row, rate, iteration in zip(raw, rates, iterations):
+            epoch, batch, total, count, _, _, grad_norm = row
+            total, count = _to_float(total), _to_float(count)
+            if previous is None or previous[0] != epoch:
+                prev_total, prev_count = 0.0, 0.0  # the tracker resets per epoch
+            else:
+                prev_total, prev_count = previous[1], previous[2]
+            size = count - prev_count
+            loss = (total - prev_total) / size if size > 0 else float("nan")
+            if self._backend == "jax" and self._patched is not None:
+                grad_norm = self._grad_norms.get(int(iteration), float("nan"))
+            self._rows.append(
+                {
+                    "step": len(self._rows),
+                    "epoch": epoch,
+                    "batch": batch,
+                    "loss": loss,
+                    "batch_size": size,
+                    "learning_rate": float(rate),
+                    "grad_norm": float(grad_norm),
+                    "_total": total,
+                    "_count": count,
+                }
+            )
+            previous = (epoch, total, count)
+
+    def _schedule_values(self, iterations):
+        steps = iterations
+        accumulation = getattr(self._optimizer, "gradient_accumulation_steps", None)
+        if accumulation:
+            steps = np.floor(steps / accumulation)
+        try:  # most schedules are elementwise: one call for all steps
+            values = ops.convert_to_numpy(
+                self._schedule(ops.convert_to_tensor(steps.astype("int64")))
+            )
+            values = np.asarray(values, dtype="float64")
+            if values.shape == steps.shape:
+                return values
+        except Exception:  # noqa: BLE001 (schedules with ops.cond etc.)
+            pass
+        return np.array(
+            [float(ops.convert_to_numpy(self._schedule(int(s)))) for s in steps]
+        )
+
+    # -- gradient norm -----------------------------------------------------
+
+    def _patch_optimizer(self):
+        model, opt = self.model, self._optimizer
+        if self._backend == "tensorflow":
+            import tensorflow as tf
+
+            if tf.distribute.has_strategy():
+                warnings.warn(
+                    "SpikeMonitor(gradient_norm=True) is not supported under "
+                    "tf.distribute; recording NaN.",
+                    stacklevel=2,
+                )
+                return
+            self._grad_norm_var = tf.Variable(float("nan"), trainable=False)
+        self._grad_norm_value = None
+        original = opt.apply
+        monitor = self
+
+        def apply(grads, trainable_variables=None):
+            squares = [
+                ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads if g is not None
+            ]
+            norm = ops.sqrt(sum(squares)) if squares else ops.convert_to_tensor(0.0)
+            monitor._store_grad_norm(norm, ops.convert_to_tensor(opt.iterations))
+            return original(grads, trainable_variables)
+
+        opt.apply = apply
+        self._patched = original
+        model.make_train_function(force=True)
+
+    def _store_grad_norm(self, norm, iterations):
+        if self._backend == "tensorflow":
+            self._grad_norm_var.assign(norm)
+        elif self._backend == "torch":
+            self._grad_norm_value = norm.detach()
+        elif self._backend == "jax":
+            import jax
+
+            def receive(value, step):
+                self._grad_norms[int(step)] = float(value)
+
+            jax.debug.callback(receive, norm, iterations)
+
+    def _unpatch_optimizer(self):
+        if self._patched is None:
+            return
+        if "apply" in vars(self._optimizer):
+            del self._optimizer.apply
+        self._patched = None
+        self.model.train_function = None  # the next fit traces a clean one
+
+    # -- analysis and output -------------------------------------------------
+
+    def _analyze(self):
+        rows = self._rows
+        steps = {
+            name: np.array([row.get(name, np.nan) for row in rows], dtype="float64")
+            for name in COLUMNS
+            if name not in ("score", "spike", "cause")
+        }
+        scores, spikes = detect_spikes(
+            steps["loss"],
+            threshold=self.threshold,
+            window=self.window,
+            min_history=self.min_history,
+            min_scale=self.min_scale,
+        )
+        causes = attribute_spikes(
+            spikes,
+            steps["batch_size"],
+            steps["learning_rate"],
+            lookback=self.lookback,
+            lr_rtol=self.lr_rtol,
+        )
+        for name in ("step", "epoch", "batch"):
+            steps[name] = steps[name].astype("int64")
+        steps["score"] = scores
+        steps["spike"] = spikes
+        steps["cause"] = np.array(causes, dtype=object)
+        self.steps = steps
+        self.spikes = [
+            {name: _plain(steps[name][t]) for name in COLUMNS}
+            for t in np.nonzero(spikes)[0]
+        ]
+
+    def summary(self):
+        """A few lines: steps, spikes by cause, and what to do about them."""
+        steps = self.steps
+        n = len(steps["loss"])
+        lines = [
+            f"SpikeMonitor: {n} steps, {len(self.spikes)} spikes (score > "
+            f"{self.threshold:g} robust SDs over the median of the previous "
+            f"{self.window} steps)"
+        ]
+        if n == 0:
+            return lines[0]
+        usual = usual_batch_size(steps["batch_size"])
+        by_cause = {}
+        for spike in self.spikes:
+            by_cause.setdefault(spike["cause"], []).append(spike["step"])
+        for cause, where in sorted(by_cause.items()):
+            shown = ", ".join(str(s) for s in where[:8]) + (", ..." if len(where) > 8 else "")
+            lines.append(f"  {cause}: {len(where)} at steps {shown}")
+        short = steps["batch_size"] < usual
+        if np.any(short):
+            flagged = np.sum(short & steps["spike"])
+            lines.append(
+                f"  short batches (< {usual:g}): {int(np.sum(short))}, of which "
+                f"{int(flagged)} spiked"
+            )
+            if flagged and flagged >= 0.5 * np.sum(short):
+                lines.append(
+                    "  -> the loss likely scales with the batch size: check it "
+                    "with keras_batchfix.diagnose(loss, y_true, y_pred)"
+                )
+        if self.log_dir is not None:
+            lines.append(f"  written to {self.log_dir}")
+        return "\n".join(lines)
+
+    def write_csv(self, path):
+        """Writes one row per step (columns `COLUMNS`)."""
+        steps = self.steps
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(COLUMNS)
+            for t in range(len(steps["loss"])):
+                writer.writerow([_plain(steps[name][t]) for name in COLUMNS])
+        return path
+
+    def write_plot(self, path):
+        """Writes the PNG: loss with spikes, batch size, LR (and grad norm)."""
+        figure_cls, canvas_cls = _import_pyplot_figure()
+        steps = self.steps
+        x = steps["step"]
+        panels = [("loss", "loss"), ("batch_size", "batch size"), ("learning_rate", "learning rate")]
+        if np.any(np.isfinite(steps["grad_norm"])):
+            panels.append(("grad_norm", "grad norm"))
+        figure = figure_cls(figsize=(10, 2.2 * len(panels) + 1))
+        canvas_cls(figure)
+        axes = figure.subplots(len(panels), 1, sharex=True)
+        for ax, (name, label) in zip(axes, panels):
+            values = steps[name]
+            if name == "batch_size":
+                ax.step(x, values, where="mid", color="tab:gray")
+            else:
+                ax.plot(x, values, lw=1, color="tab:blue")
+            finite = values[np.isfinite(values)]
+            if name in ("loss", "grad_norm") and finite.size and np.all(finite > 0):
+                ax.set_yscale("log")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        spike_steps = np.nonzero(steps["spike"])[0]
+        if spike_steps.size:
+            axes[0].scatter(
+                x[spike_steps], steps["loss"][spike_steps], color="tab:red", zorder=3,
+                label="spike",
+            )
+            for t in spike_steps:
+                axes[0].annotate(
+                    steps["cause"][t], (x[t], steps["loss"][t]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points", color="tab:red",
+                )
+            axes[0].legend(loc="upper right")
+        axes[0].set_title(f"SpikeMonitor: {len(spike_steps)} spikes in {len(x)} steps")
+        axes[-1].set_xlabel("step")
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        return path
+
+    def write_tensorboard(self, log_dir):
+        """Writes the per-step scalars as TensorBoard events.
+
+        Uses TensorFlow's core `tf.summary.write` with the scalar plugin's
+        metadata, so the `tensorboard` package is needed to view the events,
+        not to write them.
+        """
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+
+        metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+        )
+        writer = tf.summary.create_file_writer(log_dir)
+        steps = self.steps
+        with writer.as_default():
+            for t in range(len(steps["loss"])):
+                step = int(steps["step"][t])
+                for name in ("loss", "batch_size", "learning_rate", "grad_norm", "spike"):
+                    value = float(steps[name][t])
+                    if math.isfinite(value):
+                        tf.summary.write(
+                            f"spike_monitor/{name}",
+                            tf.constant(value, dtype=tf.float32),
+                            step=step,
+                            metadata=metadata,
+                        )
+        writer.flush()
+        writer.close()
+        return log_dir
+
+
+def _innermost(optimizer):
+    while hasattr(optimizer, "inner_optimizer"):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def _to_float(value):
+    if isinstance(value, float):
+        return value
+    return float(np.asarray(value))
+
+
+def _plain(value):
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def _import_pyplot_figure():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:  # pragma: no cover (matplotlib installed here)
+        raise ImportError(
+            "SpikeMonitor's plot needs matplotlib: `pip install "
+            "keras-batchfix[plots]` (or matplotlib), or pass plot=False."
+        ) from error
+    return Figure, FigureCanvasAgg
