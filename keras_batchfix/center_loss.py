@@ -7,6 +7,8 @@ the features only, and the centers move by the paper's rule, not by the
 model's optimizer.
 """
 
+import threading
+
 import keras
 from keras import ops
 
@@ -164,6 +166,7 @@ class CenterLoss(keras.layers.Layer):
         self.feat_dim = None if feat_dim is None else int(feat_dim)
         self.centers_trainable = bool(centers_trainable)
         self.supports_masking = False
+        self._loss_threads = {}  # id(loss) -> thread that added it (tf.distribute)
         if keras.backend.backend() != "jax":
             self.value_tracker = keras.metrics.Mean(name=f"{self.name}_value")
         else:
@@ -221,44 +224,78 @@ class CenterLoss(keras.layers.Layer):
                 f"alone); received a sequence of {len(inputs)} tensors."
             )
         features_in, labels = inputs
-        features, onehot, valid_batch = self._prepare(features_in, labels)
+        features, onehot, _ = self._prepare(features_in, labels)
         centers = ops.convert_to_tensor(self.centers)
         gathered = ops.matmul(onehot, ops.stop_gradient(centers))
         local_sum = _half_squared_distance_sum(features, gathered, onehot)
-
-        # Batch size of all replicas; see the class docstring.
         local_batch = ops.cast(ops.shape(features)[0], features.dtype)
-        global_batch = _all_reduce_sum(local_batch)
+
+        # Everything that synchronizes replicas (all-reduces, updates of
+        # mirrored variables) runs before `add_loss`; see `_add_own_loss`.
+        if training:
+            detached = ops.stop_gradient(features)
+            # sum_{i: y_i=j} (c_j - x_i) and n_j, and B, over all replicas.
+            sums = ops.matmul(
+                ops.transpose(onehot), ops.stop_gradient(gathered) - detached
+            )
+            counts = ops.sum(onehot, axis=0)
+            global_batch, sums, counts = _all_reduce_sum(
+                [local_batch, sums, counts]
+            )
+            delta = sums / ops.expand_dims(1.0 + counts, -1)
+            alpha = self._current_alpha()
+            if not self.centers_trainable:
+                self.centers.assign(ops.stop_gradient(centers) - alpha * delta)
+            self.iterations.assign_add(ops.ones((), dtype=self.iterations.dtype))
+        else:
+            global_batch = _all_reduce_sum(local_batch)
+
+        # Under tf.distribute Keras multiplies add_loss values by
+        # 1/num_replicas and sums the replicas' gradients: this replica adds
+        # num_replicas * sum_local / B_global, so the total is sum / B_global.
         replicas = float(_replica_count())
         loss = local_sum * (replicas / ops.maximum(global_batch, 1.0))
-        self.add_loss(self.loss_weight * loss)
+        losses = [self.loss_weight * loss]
+        if training and self.centers_trainable:
+            # Zero-valued term whose gradient w.r.t. the centers is
+            # alpha * delta (Keras's 1/num_replicas and the replica sum
+            # cancel, delta being global already).
+            step = ops.stop_gradient(alpha * delta)
+            losses.append(ops.sum(step * (centers - ops.stop_gradient(centers))))
+        self._add_own_loss(losses)
         if self.value_tracker is not None:
             self.value_tracker.update_state(
                 local_sum / ops.maximum(local_batch, 1.0),
                 sample_weight=local_batch,
             )
-
-        if training:
-            alpha = self._current_alpha()
-            detached = ops.stop_gradient(features)
-            # n_j c_j - sum_{i: y_i=j} x_i, and n_j, summed over replicas.
-            sums = _all_reduce_sum(
-                ops.matmul(ops.transpose(onehot), ops.stop_gradient(gathered) - detached)
-            )
-            counts = _all_reduce_sum(ops.sum(onehot, axis=0))
-            delta = sums / ops.expand_dims(1.0 + counts, -1)
-            if self.centers_trainable:
-                # Zero-valued term whose gradient w.r.t. the centers is
-                # alpha * delta (Keras's 1/num_replicas and the replica sum
-                # cancel, delta being global already).
-                step = ops.stop_gradient(alpha * delta)
-                self.add_loss(
-                    ops.sum(step * (centers - ops.stop_gradient(centers)))
-                )
-            else:
-                self.centers.assign(ops.stop_gradient(centers) - alpha * delta)
-            self.iterations.assign_add(ops.ones((), dtype=self.iterations.dtype))
         return features_in
+
+    def _add_own_loss(self, losses):
+        """`add_loss`, safe under `MirroredStrategy`'s replica threads.
+
+        `MirroredStrategy` traces each replica in its own thread and switches
+        threads at every all-reduce (`merge_call`), while Keras keeps a
+        layer's `add_loss` values in one Python list shared by the replicas.
+        After this layer's all-reduces, replica 0 adds its loss and runs on to
+        its gradient; replica 1 then resumes and would find replica 0's loss
+        in the list too (Keras would log the sum of both replicas' losses,
+        ~2x, although the gradients stay right, tapes being per thread). So
+        the losses this layer added from another thread are dropped first.
+        """
+        if _replica_context() is not None:
+            thread = threading.get_ident()
+            owners = self._loss_threads
+            kept = [
+                loss
+                for loss in self._losses
+                if owners.get(id(loss), thread) == thread
+            ]
+            self._losses[:] = kept
+            self._loss_threads = {id(loss): owners.get(id(loss), thread) for loss in kept}
+            for loss in losses:
+                self._loss_threads[id(loss)] = thread
+        for loss in losses:
+            self.add_loss(loss)
 
     def center_loss(self, features, labels):
         """Unweighted `L_C` of a batch for the current centers (a scalar).
