@@ -1,3 +1,9 @@
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -60,3 +66,20 @@ def test_normalizers_serialize_with_the_loss():
 def test_bad_normalizer():
     with pytest.raises(ValueError, match="normalizer"):
         SSDMultiboxLoss(NUM_CLASSES, normalizer="global")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="needs JAX"
+)
+def test_jax_data_parallel_equals_one_device():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.jax_data_parallel"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=root),
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    for name, result in json.loads(lines[0][len("RESULT "):]).items():
+        assert result["max_abs_change"] > 1e-3, name  # training moved the weights
+        assert result["max_abs_gap"] < 1e-5, (name, result)
