@@ -27,11 +27,15 @@ import pytest  # noqa: E402
 def mirrored_strategy():
     """One `MirroredStrategy` over the two logical CPUs for the whole session.
 
-    A second strategy over the same devices restarts the collective instance
-    keys, and TensorFlow then matches its first all-reduce with a stale one of
-    the previous strategy ("Shape mismatch in the collective instance 100")
-    whenever their shapes differ. Sharing one strategy avoids that.
+    Every strategy with collective all-reduce starts its instance keys at the
+    same value, so two strategies in one process (other tests and `diagnose`
+    make their own) can match an all-reduce with a stale one of the other
+    ("Shape mismatch in the collective instance 100", TF 2.21).
+    `ReductionToOneDevice` uses no collective keys. The default cross-device
+    ops give the same results when run alone.
     """
     if keras.backend.backend() != "tensorflow":
         pytest.skip("tf.distribute needs the TensorFlow backend")
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    return tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
