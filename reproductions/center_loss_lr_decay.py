@@ -157,6 +157,7 @@ def run_keras(variant="relu", epochs=30, lr=0.05, momentum=0.9,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalCrossentropy(
             from_logits=True, name="ce")],
+        jit_compile=False,  # XLA compilation costs more than it saves here
     )
     feat_model = keras.Model(images, [feat, cfeat])
     fc_layer = model.get_layer("fc")
