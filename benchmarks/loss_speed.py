@@ -15,38 +15,22 @@ Each backend runs in its own process (Keras picks its backend at import).
 """
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
-import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import emit, median_seconds, run_worker, value_and_grad_steps
+
 NUM_CLASSES = 21
 
 
 def make_batch(batch_size, anchors, seed=0):
     import numpy as np
 
-    sys.path.insert(0, ROOT)
     from tests.ssd_data import random_batch
 
     return random_batch(
         np.random.default_rng(seed), batch_size, anchors, NUM_CLASSES,
         positive_fraction=0.01, neutral_fraction=0.02,
     )
-
-
-def median_seconds(step, repeats, warmup=2):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def floor_loss(y_true, y_pred):
@@ -63,69 +47,23 @@ def floor_loss(y_true, y_pred):
 
 def keras_steps(y_true, y_pred):
     """`{mode: {loss name: step function}}` for the running backend."""
-    import keras
-
     from keras_batchfix import SSDMultiboxLoss
 
     losses = {
-        "batch": SSDMultiboxLoss(NUM_CLASSES, from_logits=True, mining="batch"),
-        "per_image": SSDMultiboxLoss(
-            NUM_CLASSES, from_logits=True, mining="per_image"
-        ),
-        "floor": floor_loss,
+        mining: SSDMultiboxLoss(NUM_CLASSES, from_logits=True, mining=mining)
+        for mining in ("batch", "per_image")
     }
-    backend = keras.backend.backend()
+    losses["floor"] = floor_loss
     steps = {}
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        t, p = tf.constant(y_true), tf.constant(y_pred)
-
-        def value_and_grad(loss):
-            def step(t, p):
-                with tf.GradientTape() as tape:
-                    tape.watch(p)
-                    value = loss(t, p)
-                return value, tape.gradient(value, p)
-
-            return step
-
-        for mode, wrap in (
-            ("tf eager", lambda f: f),
-            ("tf.function", tf.function),
-            ("tf XLA", lambda f: tf.function(f, jit_compile=True)),
-        ):
-            steps[mode] = {}
-            for name, loss in losses.items():
-                fn = wrap(value_and_grad(loss))
-                steps[mode][name] = lambda fn=fn: [x.numpy() for x in fn(t, p)]
-    elif backend == "jax":
-        import jax
-
-        t, p = jax.numpy.asarray(y_true), jax.numpy.asarray(y_pred)
-        steps["jax jit"] = {}
-        for name, loss in losses.items():
-            fn = jax.jit(jax.value_and_grad(lambda p, loss=loss: loss(t, p)))
-            steps["jax jit"][name] = lambda fn=fn: jax.block_until_ready(fn(p))
-    elif backend == "torch":
-        import torch
-
-        t = torch.tensor(y_true)
-        steps["torch eager"] = {}
-        for name, loss in losses.items():
-
-            def step(loss=loss):
-                p = torch.tensor(y_pred, requires_grad=True)
-                loss(t, p).backward()
-
-            steps["torch eager"][name] = step
+    for name, loss in losses.items():
+        for mode, step in value_and_grad_steps(loss, y_pred, (y_true,)).items():
+            steps.setdefault(mode, {})[name] = step
     return steps
 
 
 def torch_reference_steps(y_true, y_pred):
     import torch
 
-    sys.path.insert(0, ROOT)
     from tests.references.torch_multibox import multibox_loss
 
     t = torch.tensor(y_true)
@@ -156,24 +94,7 @@ def worker(args):
                 results.setdefault(f"{batch_size}", {}).setdefault(mode, {})[
                     name
                 ] = seconds
-    print("RESULT " + json.dumps(results), flush=True)
-
-
-def run_child(kind, args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    if kind != "reference":
-        env["KERAS_BACKEND"] = kind
-    command = [
-        sys.executable, os.path.abspath(__file__), "--worker", kind,
-        "--anchors", str(args.anchors), "--repeats", str(args.repeats),
-        "--batch-sizes", *map(str, args.batch_sizes),
-    ]
-    print(f"timing {kind} ...", file=sys.stderr, flush=True)
-    out = subprocess.run(command, env=env, capture_output=True, text=True)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{kind} benchmark failed:\n{out.stderr[-3000:]}")
+    emit(results)
 
 
 def main():
@@ -190,8 +111,13 @@ def main():
     if args.worker:
         return worker(args)
 
-    reference = run_child("reference", args)
-    measured = {backend: run_child(backend, args) for backend in args.backends}
+    arguments = [
+        "--anchors", str(args.anchors), "--repeats", str(args.repeats),
+        "--batch-sizes", *map(str, args.batch_sizes),
+    ]
+    script = os.path.abspath(__file__)
+    reference = run_worker(script, "reference", arguments)
+    measured = {b: run_worker(script, b, arguments) for b in args.backends}
     header = (
         f"{'B':>4} {'backend/mode':<13} {'mining':<10} {'median ms':>10} "
         f"{'/ torch ref':>11} {'/ floor':>8}"

@@ -1,0 +1,97 @@
+"""Shared timing helpers: medians, and one child process per Keras backend."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def median_seconds(step, repeats, warmup=2):
+    """Median wall time of `step()` over `repeats` calls, after `warmup`."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def emit(results):
+    """Prints a worker's results for `run_worker` to read."""
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+def run_worker(script, backend, arguments):
+    """Runs `script --worker BACKEND ARGUMENTS` and returns what it emitted.
+
+    `backend` is a Keras backend name, or "reference" for the PyTorch
+    reference (no Keras backend is set then).
+    """
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if backend != "reference":
+        env["KERAS_BACKEND"] = backend
+    command = [sys.executable, script, "--worker", backend, *arguments]
+    print(f"timing {backend} ...", file=sys.stderr, flush=True)
+    out = subprocess.run(command, env=env, capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{backend} benchmark failed:\n{out.stderr[-3000:]}")
+
+
+def value_and_grad_steps(fn, argument, constants=()):
+    """`{mode: step}` timing forward + backward of `fn(*constants, argument)`.
+
+    Modes are the running backend's: TF eager, tf.function and XLA; JAX jit;
+    torch eager.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        constants = [tf.constant(c) for c in constants]
+        argument = tf.constant(argument)
+
+        def step(argument):
+            with tf.GradientTape() as tape:
+                tape.watch(argument)
+                value = fn(*constants, argument)
+            return value, tape.gradient(value, argument)
+
+        compiled = {
+            "tf eager": step,
+            "tf.function": tf.function(step),
+            "tf XLA": tf.function(step, jit_compile=True),
+        }
+        return {
+            mode: (lambda f=f: [x.numpy() for x in f(argument)])
+            for mode, f in compiled.items()
+        }
+    if backend == "jax":
+        import jax
+
+        constants = [jax.numpy.asarray(c) for c in constants]
+        argument = jax.numpy.asarray(argument)
+        jitted = jax.jit(jax.value_and_grad(lambda a: fn(*constants, a)))
+        return {"jax jit": lambda: jax.block_until_ready(jitted(argument))}
+    if backend == "torch":
+        import torch
+
+        constants = [torch.as_tensor(c) for c in constants]
+
+        def step():
+            a = torch.tensor(argument, requires_grad=True)
+            fn(*constants, a).backward()
+
+        return {"torch eager": step}
+    raise NotImplementedError(backend)
