@@ -254,12 +254,20 @@ class SpikeMonitor(keras.callbacks.Callback):
         if self.log_dir is not None and self.plot:
             _import_pyplot_figure()  # fail now, not after training
         self._backend = keras.backend.backend()
-        self._raw = []  # (epoch, batch, total, count, lr, iterations, grad_norm)
-        self._rows = []  # converted rows, dicts
+        self._mode = {"tensorflow": "buffer", "torch": "eager"}.get(self._backend, "state")
+        if self._backend == "tensorflow":
+            import tensorflow as tf
+
+            if tf.distribute.has_strategy():
+                self._mode = "state"
+        self._rows = []  # finished steps, dicts
+        self._raw = []  # state mode: (epoch, batch, total, count, lr, iterations)
+        self._eager_rows = []  # eager mode: [loss, batch_size, iterations, lr, grad_norm]
         self._pending = None
         self._epoch = 0
+        self._in_test = False
         self._grad_norms = {}
-        self._patched = None
+        self._patches = []
         self._optimizer = _innermost(model.optimizer)
         self._schedule = None
         if isinstance(
@@ -267,31 +275,55 @@ class SpikeMonitor(keras.callbacks.Callback):
             keras.optimizers.schedules.LearningRateSchedule,
         ):
             self._schedule = self._optimizer._learning_rate
+        if self._mode == "buffer":
+            self._make_buffer()
+        if self._mode in ("buffer", "eager"):
+            self._patch(model._loss_tracker, "update_state", self._wrap_update_state)
         if self.gradient_norm:
-            self._patch_optimizer()
+            if self._mode == "state" and self._backend == "tensorflow":
+                warnings.warn(
+                    "SpikeMonitor(gradient_norm=True) is not supported under "
+                    "tf.distribute; recording NaN.",
+                    stacklevel=2,
+                )
+            else:
+                self._patch(self._optimizer, "apply", self._wrap_apply)
+        if self._patches:
+            model.make_train_function(force=True)  # trace with the hooks
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._pending = None
-        self._locate()
+        self._batch_in_epoch = 0
+        if self._mode == "state":
+            self._locate()
 
     def on_train_batch_begin(self, batch, logs=None):
-        self._finish_pending()
-        self._pending = (self._epoch, batch, self._read_lr(), self._read_iterations())
+        if self._mode == "state":
+            self._finish_pending()
+            self._pending = (self._epoch, batch, self._read_lr(), self._read("iterations"))
+        elif self._mode == "buffer":
+            self._since_flush += 1
+            if self._since_flush * self._steps_per_call() >= self._capacity // 2:
+                self._flush_buffer()
 
     def on_test_begin(self, logs=None):
         # Validation inside `fit` resets the loss tracker: read the last
-        # training step first.
+        # training step first; and do not record validation steps.
         self._finish_pending()
+        self._in_test = True
+
+    def on_test_end(self, logs=None):
+        self._in_test = False
 
     def on_epoch_end(self, epoch, logs=None):
         self._finish_pending()
-        self._convert()
+        self._collect()
 
     def on_train_end(self, logs=None):
         self._finish_pending()
-        self._convert()
-        self._unpatch_optimizer()
+        self._collect()
+        self._unpatch()
         self._analyze()
         if self.log_dir is not None:
             os.makedirs(self.log_dir, exist_ok=True)
@@ -303,7 +335,149 @@ class SpikeMonitor(keras.callbacks.Callback):
         if self.verbose:
             print(self.summary())
 
-    # -- reading the model between steps -----------------------------------
+    # -- hooks in the train step (TensorFlow and torch) ----------------------
+    #
+    # The loss tracker's `update_state(loss, sample_weight=batch_size)` sees
+    # the loss of the step and its batch size: the wrapper records them with
+    # the step's learning rate and iteration. TensorFlow: into a ring buffer
+    # of `tf.Variable`s written inside the compiled step and read every
+    # `capacity / 2` steps (one read instead of several per step). torch: the
+    # step runs eagerly, so the values are kept as tensors (no sync).
+
+    def _patch(self, obj, name, wrapper):
+        original = getattr(obj, name)
+        setattr(obj, name, wrapper(original))
+        self._patches.append((obj, name))
+
+    def _unpatch(self):
+        for obj, name in self._patches:
+            if name in vars(obj):
+                delattr(obj, name)
+        if self._patches:
+            self.model.train_function = None  # the next fit traces a clean one
+            self.model.test_function = None
+        self._patches = []
+
+    def _wrap_update_state(self, original):
+        monitor = self
+
+        def update_state(values, sample_weight=None):
+            result = original(values, sample_weight=sample_weight)
+            if not monitor._in_test:  # traced or run for training steps only
+                monitor._record_step(values, sample_weight)
+            return result
+
+        return update_state
+
+    def _step_values(self, values, sample_weight):
+        opt = self._optimizer
+        loss = ops.reshape(ops.cast(values, "float32"), ())
+        size = ops.cast(1 if sample_weight is None else sample_weight, "float32")
+        iterations = ops.cast(opt.iterations, "float32")
+        learning_rate = ops.cast(opt.learning_rate, "float32")
+        return loss, size, iterations, learning_rate
+
+    def _record_step(self, values, sample_weight):
+        if self._mode == "eager":
+            loss, size, iterations, lr = self._step_values(values, sample_weight)
+            self._eager_rows.append(
+                [loss.detach(), size, iterations, lr.detach().clone(), float("nan")]
+            )
+        elif self._mode == "buffer":
+            import tensorflow as tf
+
+            row = tf.stack(
+                list(self._step_values(values, sample_weight)) + [float("nan")]
+            )
+            index = self._cursor % self._capacity
+            self._buffer[index].assign(tf.cast(row, tf.float64))
+            self._cursor.assign_add(1)
+
+    def _make_buffer(self):
+        import tensorflow as tf
+
+        self._capacity = 4096
+        self._buffer = tf.Variable(tf.zeros((self._capacity, 5), tf.float64), trainable=False)
+        self._cursor = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._read_cursor = 0
+        self._since_flush = 0
+
+    def _steps_per_call(self):
+        return max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
+
+    def _flush_buffer(self):
+        end = int(self._cursor.numpy())
+        start = self._read_cursor
+        self._since_flush = 0
+        if end == start:
+            return
+        if end - start > self._capacity:  # pragma: no cover (flushed in time)
+            warnings.warn("SpikeMonitor lost steps: its buffer overflowed.", stacklevel=2)
+            start = end - self._capacity
+        table = self._buffer.numpy()
+        rows = table[np.arange(start, end) % self._capacity]
+        self._read_cursor = end
+        self._append_rows(rows)
+
+    def _wrap_apply(self, original):
+        monitor = self
+        opt = self._optimizer
+
+        def apply(grads, trainable_variables=None):
+            squares = [
+                ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads if g is not None
+            ]
+            norm = ops.sqrt(sum(squares)) if squares else ops.convert_to_tensor(0.0)
+            monitor._record_grad_norm(norm, opt.iterations)
+            return original(grads, trainable_variables)
+
+        return apply
+
+    def _record_grad_norm(self, norm, iterations):
+        if self._mode == "eager":
+            if self._eager_rows:
+                self._eager_rows[-1][4] = norm.detach()
+        elif self._mode == "buffer":
+            import tensorflow as tf
+
+            index = (self._cursor - 1) % self._capacity  # this step's row
+            self._buffer[index, 4].assign(tf.cast(norm, tf.float64))
+        else:  # JAX: the value leaves the jitted step by a host callback
+            import jax
+
+            def receive(value, step):
+                self._grad_norms[int(step)] = float(value)
+
+            jax.debug.callback(receive, norm, ops.convert_to_tensor(iterations))
+
+    def _append_rows(self, rows):
+        """Adds finished steps of the current epoch: (loss, size, iter, lr, gn)."""
+        for loss, size, iterations, lr, grad_norm in rows:
+            self._rows.append(
+                {
+                    "step": len(self._rows),
+                    "epoch": self._epoch,
+                    "batch": self._batch_in_epoch,
+                    "loss": _to_float(loss),
+                    "batch_size": _to_float(size),
+                    "learning_rate": _to_float(lr),
+                    "grad_norm": _to_float(grad_norm),
+                    "_iterations": _to_float(iterations),
+                }
+            )
+            self._batch_in_epoch += 1
+
+    def _collect(self):
+        """Moves the steps recorded so far into `self._rows`."""
+        if self._mode == "buffer":
+            self._flush_buffer()
+        elif self._mode == "eager":
+            rows, self._eager_rows = self._eager_rows, []
+            self._append_rows(rows)
+        else:
+            self._convert()
+
+    # -- reading the model between steps (JAX, and TF under tf.distribute) ---
 
     def _locate(self):
         """Indices of the variables in the JAX trainer's state lists."""
@@ -355,29 +529,20 @@ class SpikeMonitor(keras.callbacks.Callback):
         except (TypeError, ValueError):
             return float("nan")
 
-    def _read_iterations(self):
-        return self._read("iterations")
-
     def _finish_pending(self):
-        if self._pending is None:
+        if self._mode != "state" or self._pending is None:
             return
         epoch, batch, lr, iterations = self._pending
         self._pending = None
-        grad_norm = float("nan")
-        if self._patched is not None and self._backend == "tensorflow":
-            grad_norm = float(self._grad_norm_var.numpy())
-        elif self._patched is not None and self._backend == "torch":
-            value = self._grad_norm_value
-            grad_norm = float("nan") if value is None else float(value)
         self._raw.append(
-            (epoch, batch, self._read("total"), self._read("count"), lr, iterations, grad_norm)
+            (epoch, batch, self._read("total"), self._read("count"), lr, iterations)
         )
 
     def _convert(self):
-        """Turns the raw reads of the finished steps into rows."""
+        """State mode: step losses from differences of the tracker's sums."""
         if not self._raw:
             return
-        if self._patched is not None and self._backend == "jax":
+        if self._grad_norms is not None and self._backend == "jax":
             import jax
 
             jax.effects_barrier()
@@ -390,18 +555,16 @@ class SpikeMonitor(keras.callbacks.Callback):
         previous = None  # (epoch, total, count) of the step before
         if self._rows:
             last = self._rows[-1]
-            previous = (last["epoch"], last["_total"], last["_count"])
+            previous = (last["epoch"], last.get("_total"), last.get("_count"))
         for row, rate, iteration in zip(raw, rates, iterations):
-            epoch, batch, total, count, _, _, grad_norm = row
+            epoch, batch, total, count, _, _ = row
             total, count = _to_float(total), _to_float(count)
-            if previous is None or previous[0] != epoch:
+            if previous is None or previous[0] != epoch or previous[1] is None:
                 prev_total, prev_count = 0.0, 0.0  # the tracker resets per epoch
             else:
                 prev_total, prev_count = previous[1], previous[2]
             size = count - prev_count
             loss = (total - prev_total) / size if size > 0 else float("nan")
-            if self._backend == "jax" and self._patched is not None:
-                grad_norm = self._grad_norms.get(int(iteration), float("nan"))
             self._rows.append(
                 {
                     "step": len(self._rows),
@@ -410,7 +573,8 @@ class SpikeMonitor(keras.callbacks.Callback):
                     "loss": loss,
                     "batch_size": size,
                     "learning_rate": float(rate),
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": self._grad_norms.get(int(iteration), float("nan")),
+                    "_iterations": iteration,
                     "_total": total,
                     "_count": count,
                 }
@@ -434,58 +598,6 @@ class SpikeMonitor(keras.callbacks.Callback):
         return np.array(
             [float(ops.convert_to_numpy(self._schedule(int(s)))) for s in steps]
         )
-
-    # -- gradient norm -----------------------------------------------------
-
-    def _patch_optimizer(self):
-        model, opt = self.model, self._optimizer
-        if self._backend == "tensorflow":
-            import tensorflow as tf
-
-            if tf.distribute.has_strategy():
-                warnings.warn(
-                    "SpikeMonitor(gradient_norm=True) is not supported under "
-                    "tf.distribute; recording NaN.",
-                    stacklevel=2,
-                )
-                return
-            self._grad_norm_var = tf.Variable(float("nan"), trainable=False)
-        self._grad_norm_value = None
-        original = opt.apply
-        monitor = self
-
-        def apply(grads, trainable_variables=None):
-            squares = [
-                ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads if g is not None
-            ]
-            norm = ops.sqrt(sum(squares)) if squares else ops.convert_to_tensor(0.0)
-            monitor._store_grad_norm(norm, ops.convert_to_tensor(opt.iterations))
-            return original(grads, trainable_variables)
-
-        opt.apply = apply
-        self._patched = original
-        model.make_train_function(force=True)
-
-    def _store_grad_norm(self, norm, iterations):
-        if self._backend == "tensorflow":
-            self._grad_norm_var.assign(norm)
-        elif self._backend == "torch":
-            self._grad_norm_value = norm.detach()
-        elif self._backend == "jax":
-            import jax
-
-            def receive(value, step):
-                self._grad_norms[int(step)] = float(value)
-
-            jax.debug.callback(receive, norm, iterations)
-
-    def _unpatch_optimizer(self):
-        if self._patched is None:
-            return
-        if "apply" in vars(self._optimizer):
-            del self._optimizer.apply
-        self._patched = None
-        self.model.train_function = None  # the next fit traces a clean one
 
     # -- analysis and output -------------------------------------------------
 

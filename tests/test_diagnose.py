@@ -92,7 +92,9 @@ def test_compensate_fixes_the_ssd_keras_style_loss(batch):
     assert result.verdict == "invariant"
     # The compensated value is the per-batch normalized loss, independently:
     y_true, y_pred = batch
-    per_image = ssd_keras_style_loss(y_true, y_pred)
+    per_image = ssd_keras_style_loss(
+        ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
+    )
     expected = float(ops.sum(per_image))
     assert result.repetitions[0][2] == pytest.approx(expected, rel=1e-5)
 
