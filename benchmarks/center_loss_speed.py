@@ -1,0 +1,154 @@
+"""Training-step time of `CenterLoss` (loss, feature gradient, center update).
+
+Against the PyTorch reference of `tests/references/torch_center_loss.py`
+(seed 003's autograd Function plus its SGD step on the centers), in the same
+run. 512 features, batch 256, 10 and 10,000 classes.
+
+    python benchmarks/center_loss_speed.py [--quick]
+"""
+
+import argparse
+import os
+
+import numpy as np
+from harness import emit, median_seconds, run_worker
+
+FEATURES, BATCH = 512, 256
+
+
+def make_batch(num_classes, batch, features, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, features)).astype("float32")
+    labels = rng.integers(0, num_classes, batch).astype("int32")
+    return x, labels
+
+
+def reference_step(num_classes, x, labels):
+    import torch
+
+    from tests.references.torch_center_loss import TorchCenterLoss
+
+    center = TorchCenterLoss(num_classes, x.shape[1])
+    optimizer = center.make_optimizer(alpha=0.5)
+    labels = torch.as_tensor(labels).long()
+
+    def step():
+        features = torch.tensor(x, requires_grad=True)
+        optimizer.zero_grad()
+        (0.01 * center(features, labels)).backward()
+        optimizer.step()
+
+    return {"torch reference": step}
+
+
+def keras_steps(num_classes, x, labels):
+    """`{mode: step}`: one training call of the layer, loss and gradient."""
+    import keras
+
+    from keras_batchfix import CenterLoss
+
+    layer = CenterLoss(num_classes, alpha=0.5, loss_weight=0.01)
+    layer.build([x.shape, labels.shape])
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        x_t, labels_t = tf.constant(x), tf.constant(labels)
+
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(x_t)
+                layer([x_t, labels_t], training=True)
+                loss = tf.add_n(layer.losses)
+            return tape.gradient(loss, x_t)
+
+        return {
+            "tf eager": step,
+            "tf.function": tf.function(step),
+            "tf XLA": tf.function(step, jit_compile=True),
+        }
+    if backend == "jax":
+        import jax
+
+        state = [[v.value for v in layer.trainable_variables],
+                 [v.value for v in layer.non_trainable_variables]]
+        labels_j = jax.numpy.asarray(labels)
+
+        def loss_fn(features, trainable, non_trainable):
+            _, non_trainable, losses = layer.stateless_call(
+                trainable, non_trainable, [features, labels_j],
+                training=True, return_losses=True,
+            )
+            return sum(losses), non_trainable
+
+        grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+        x_j = jax.numpy.asarray(x)
+
+        def step():
+            (_, state[1]), grad = grad_fn(x_j, *state)
+            jax.block_until_ready(grad)
+
+        return {"jax jit": step}
+    if backend == "torch":
+        import torch
+
+        labels_t = torch.as_tensor(labels)
+
+        def step():
+            features = torch.tensor(x, requires_grad=True)
+            layer([features, labels_t], training=True)
+            sum(layer.losses).backward()
+
+        return {"torch eager": step}
+    raise NotImplementedError(backend)
+
+
+def worker(args):
+    results = {}
+    for num_classes in args.classes:
+        x, labels = make_batch(num_classes, args.batch, args.features)
+        if args.worker == "reference":
+            steps = reference_step(num_classes, x, labels)
+        else:
+            steps = keras_steps(num_classes, x, labels)
+        results[str(num_classes)] = {
+            mode: median_seconds(step, args.repeats) for mode, step in steps.items()
+        }
+    emit(results)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--classes", type=int, nargs="+", default=[10, 10000])
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--features", type=int, default=FEATURES)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax", "torch"])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.classes, args.batch, args.features, args.repeats = [10, 300], 32, 16, 3
+    if args.worker:
+        return worker(args)
+    arguments = [
+        "--classes", *map(str, args.classes), "--batch", str(args.batch),
+        "--features", str(args.features), "--repeats", str(args.repeats),
+    ]
+    script = os.path.abspath(__file__)
+    reference = run_worker(script, "reference", arguments)
+    measured = {b: run_worker(script, b, arguments) for b in args.backends}
+    print(f"CenterLoss training step, batch {args.batch}, {args.features} "
+          f"features, median of {args.repeats}")
+    print(f"{'classes':>8} {'backend/mode':<16} {'median ms':>10} {'/ torch ref':>11}")
+    for num_classes in map(str, args.classes):
+        ref = reference[num_classes]["torch reference"]
+        print(f"{num_classes:>8} {'torch reference':<16} {ref * 1e3:>10.2f} {1.0:>11.2f}")
+        for results in measured.values():
+            for mode, seconds in results[num_classes].items():
+                print(f"{num_classes:>8} {mode:<16} {seconds * 1e3:>10.2f} "
+                      f"{seconds / ref:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()
