@@ -48,9 +48,10 @@ class CenterLoss(keras.layers.Layer):
     optimizer. To make the step follow the model's schedule (as the original
     Caffe code, where centers are solver parameters, effectively did), pass
     `alpha=` a `keras.optimizers.schedules.LearningRateSchedule`: it is
-    evaluated at the layer's own step counter `layer.iterations` (counted in
-    training steps from 0, like `optimizer.iterations`), e.g.
-    `alpha=0.5 * schedule / initial_lr` written as its own schedule.
+    evaluated at the layer's own step counter `layer.iterations` (training
+    steps from 0, like `optimizer.iterations`, and saved with the model), e.g.
+    `PiecewiseConstantDecay(boundaries, [0.5, 0.25, 0.05])` with the
+    boundaries of the model's learning-rate schedule.
 
     Batch size and replicas: `L_C` is a mean over the batch, so a short last
     batch has the same scale as a full one. Under `tf.distribute` Keras
@@ -60,8 +61,11 @@ class CenterLoss(keras.layers.Layer):
     and gradient are exactly those of single-device training on the global
     batch, also when the batch splits unevenly. The per-class sums and counts
     of the center update are all-reduced too: every replica applies the same
-    global update. With JAX (`keras.distribution`) one program sees the
-    global batch and nothing needs reducing.
+    global update, and the replicas' centers stay identical. With JAX
+    (`keras.distribution`) one program sees the global batch and nothing
+    needs reducing. (Keras's logged `loss` averages the replicas' values
+    weighted by their local batch sizes; it is exact when the global batch
+    splits evenly, the gradient always is.)
 
     Labels: shape `(B,)` or `(B, 1)`, integers or integer-valued floats.
     In eager execution labels outside `[0, num_classes)` or non-integer
@@ -72,8 +76,13 @@ class CenterLoss(keras.layers.Layer):
     (it still counts in `B`).
 
     Called with the features alone (`layer(features)`) the layer is the
-    identity and adds no loss: use that, or the features tensor before the
-    layer, for an inference model without labels.
+    identity and adds no loss. For an inference model without labels, take
+    the features tensor that feeds the layer:
+    `keras.Model(images, model.get_layer("embedding").output)`.
+
+    Mixed precision: the layer does not autocast its inputs; it computes in
+    the centers' dtype (float32 under `mixed_float16`), so float labels stay
+    exact, and returns the features unchanged.
 
     Logging: `layer.center_loss(features, labels)` returns the unweighted
     `L_C` for the current centers (no state change). On the TensorFlow and
@@ -134,6 +143,9 @@ class CenterLoss(keras.layers.Layer):
         centers_trainable=False,
         **kwargs,
     ):
+        # No autocast: float labels must not become float16 under mixed
+        # precision (exact only up to 2048); the loss runs in the centers' dtype.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         if int(num_classes) != num_classes or num_classes < 1:
             raise ValueError(
@@ -217,7 +229,7 @@ class CenterLoss(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         if not isinstance(inputs, (list, tuple)):
-            return inputs  # inference without labels: identity
+            return inputs  # no labels: identity
         if len(inputs) != 2:
             raise ValueError(
                 "`CenterLoss` expects `[features, labels]` (or features "

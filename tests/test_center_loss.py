@@ -454,3 +454,23 @@ def test_pytorch_parity_joint_training_20_steps():
     # The run must have moved everything noticeably (the test can fail).
     assert np.abs(to_numpy(layer.centers) - c0).max() > 0.05
     assert np.abs(d2.get_weights()[0] - w2).max() > 1e-3
+
+
+def test_mixed_precision_keeps_labels_and_loss_in_float32():
+    """Under a float16 compute policy, float labels > 2048 stay exact."""
+    rng = np.random.default_rng(8)
+    classes = 3000
+    c = rng.normal(size=(classes, D))
+    layer = CenterLoss(
+        classes,
+        dtype="mixed_float16",
+        centers_initializer=keras.initializers.Constant(c),
+    )
+    features = rng.normal(size=(2, D)).astype("float16")
+    labels = np.array([2049.0, 2051.0], "float32")  # not float16-representable
+    out = layer([ops.convert_to_tensor(features), ops.convert_to_tensor(labels)])
+    assert ops.convert_to_numpy(out).dtype == np.float16
+    assert layer.centers.dtype == "float32"
+    value = float(ops.convert_to_numpy(layer.losses[0]))
+    expected = 0.01 * numpy_center_loss(c, features, labels.astype(int))
+    np.testing.assert_allclose(value, expected, rtol=1e-4)

@@ -112,5 +112,5 @@ def test_mirrored_equals_single_device(n):
         # (with an uneven split its tracker weights replica values unevenly).
         np.testing.assert_allclose(history.history["loss"][0], loss_ref, rtol=1e-5)
         np.testing.assert_allclose(
-            history.history["center_loss_value"][0], loss_ref / lam, rtol=1e-5
+            history.history[f"{layer.name}_value"][0], loss_ref / lam, rtol=1e-5
         )
