@@ -1,96 +1,130 @@
-"""Cost of `SpikeMonitor` on the step time of a small model.
+"""Cost of `SpikeMonitor` on the step time of a small model, per backend.
 
-Runs `fit` on a small MLP with and without the monitor (and with the
-gradient norm), interleaving the configurations, and prints each one's
-steady-state step time as a ratio to the baseline measured in the same run
-(epoch 0 of every `fit`, which includes tracing, is left out).
+Each backend runs in its own process (see `harness.run_worker`). There, a
+small MLP is trained with `fit` without the monitor (the baseline), with it,
+and with it and `gradient_norm=True`, the three interleaved. Each `fit` runs
+two epochs and only the second is timed (the first includes tracing). The
+ratio of a configuration is the median over repeats of its step time divided
+by the baseline's step time measured right before it (pairs measured close
+in time cancel most of the drift of a shared machine).
 
-    KERAS_BACKEND=jax python benchmarks/monitor_overhead.py
-
-Run it once per backend (the backend is fixed per process).
+    python benchmarks/monitor_overhead.py            # all three backends
+    python benchmarks/monitor_overhead.py --backends jax --repeats 9
+    python benchmarks/monitor_overhead.py --quick    # smoke run
 """
 
 import argparse
 import os
 import statistics
+import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import emit, run_worker  # noqa: E402
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-import keras_batchfix  # noqa: E402
+CONFIGS = ("baseline", "SpikeMonitor", "SpikeMonitor(gradient_norm=True)")
 
 
-class EpochTimer(keras.callbacks.Callback):
-    """Wall time of each epoch (epoch hooks only: no per-step cost)."""
+def worker(args):
+    import keras
+    import numpy as np
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
+    import keras_batchfix
 
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
+    class EpochTimer(keras.callbacks.Callback):
+        """Wall time of each epoch (epoch hooks only: no per-step cost)."""
 
-    def on_train_begin(self, logs=None):
-        self.times = []
+        def on_train_begin(self, logs=None):
+            self.times = []
 
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
 
-def make_model(features, width):
-    model = keras.Sequential(
-        [
-            keras.Input((features,)),
-            keras.layers.Dense(width, activation="relu"),
-            keras.layers.Dense(width, activation="relu"),
-            keras.layers.Dense(1),
+        def on_epoch_end(self, epoch, logs=None):
+            self.times.append(time.perf_counter() - self.start)
+
+    def make_model():
+        model = keras.Sequential(
+            [
+                keras.Input((args.features,)),
+                keras.layers.Dense(args.width, activation="relu"),
+                keras.layers.Dense(args.width, activation="relu"),
+                keras.layers.Dense(1),
+            ]
+        )
+        model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss="mse")
+        return model
+
+    def callbacks(name):
+        if name == "baseline":
+            return []
+        return [
+            keras_batchfix.SpikeMonitor(
+                gradient_norm="gradient_norm" in name, verbose=0
+            )
         ]
-    )
-    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss="mse")
-    return model
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=4100)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--features", type=int, default=32)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.samples, args.features)).astype("float32")
     y = rng.normal(size=(args.samples, 1)).astype("float32")
-    configs = {
-        "baseline": lambda: [],
-        "SpikeMonitor": lambda: [keras_batchfix.SpikeMonitor(verbose=0)],
-        "SpikeMonitor(gradient_norm=True)": lambda: [
-            keras_batchfix.SpikeMonitor(gradient_norm=True, verbose=0)
-        ],
-    }
-    models = {name: make_model(args.features, args.width) for name in configs}
-    times = {name: [] for name in configs}
     steps = -(-args.samples // args.batch_size)
+    models = {name: make_model() for name in CONFIGS}
+    step_times = {name: [] for name in CONFIGS}
     for _ in range(args.repeats):
-        for name, callbacks in configs.items():
+        for name in CONFIGS:
             timer = EpochTimer()
             models[name].fit(
-                x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=0,
-                callbacks=[timer, *callbacks()],
+                x, y, batch_size=args.batch_size, epochs=2, verbose=0,
+                callbacks=[timer, *callbacks(name)],
             )
-            times[name].extend(t / steps for t in timer.times[1:])
-
-    base = statistics.median(times["baseline"])
-    print(
-        f"backend={keras.backend.backend()} steps/epoch={steps} batch={args.batch_size} "
-        f"MLP {args.features}-{args.width}-{args.width}-1, "
-        f"{args.repeats}x{args.epochs - 1} timed epochs per configuration"
+            step_times[name].append(timer.times[1] / steps)
+    base = step_times["baseline"]
+    emit(
+        {
+            name: {
+                "step_us": statistics.median(step_times[name]) * 1e6,
+                "ratio": statistics.median(
+                    t / b for t, b in zip(step_times[name], base)
+                ),
+            }
+            for name in CONFIGS
+        }
     )
-    print(f"{'configuration':36s} {'step (us)':>10s} {'ratio':>7s}")
-    for name in configs:
-        step = statistics.median(times[name])
-        print(f"{name:36s} {step * 1e6:10.1f} {step / base:7.3f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="tensorflow,jax,torch")
+    parser.add_argument("--samples", type=int, default=4100)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--features", type=int, default=32)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.samples, args.repeats = 260, 1
+    if args.worker:
+        worker(args)
+        return
+    forwarded = [
+        f"--samples={args.samples}", f"--batch-size={args.batch_size}",
+        f"--features={args.features}", f"--width={args.width}",
+        f"--repeats={args.repeats}",
+    ]
+    steps = -(-args.samples // args.batch_size)
+    print(
+        f"SpikeMonitor overhead: MLP {args.features}-{args.width}-{args.width}-1, "
+        f"batch {args.batch_size}, {steps} steps per timed epoch, "
+        f"{args.repeats} repeats (median of paired ratios)"
+    )
+    print(f"{'backend':11s} {'configuration':34s} {'step (us)':>10s} {'ratio':>7s}")
+    for backend in args.backends.split(","):
+        results = run_worker(os.path.abspath(__file__), backend, forwarded)
+        for name in CONFIGS:
+            row = results[name]
+            print(f"{backend:11s} {name:34s} {row['step_us']:10.1f} {row['ratio']:7.3f}")
 
 
 if __name__ == "__main__":

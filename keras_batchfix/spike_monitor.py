@@ -203,6 +203,10 @@ class SpikeMonitor(keras.callbacks.Callback):
     ```
     """
 
+    # How steps are recorded, per backend (anything else: "state", reading
+    # the loss tracker between steps).
+    _MODES = {"tensorflow": "buffer", "torch": "eager"}
+
     def __init__(
         self,
         log_dir=None,
@@ -254,16 +258,17 @@ class SpikeMonitor(keras.callbacks.Callback):
         if self.log_dir is not None and self.plot:
             _import_pyplot_figure()  # fail now, not after training
         self._backend = keras.backend.backend()
-        self._mode = {"tensorflow": "buffer", "torch": "eager"}.get(self._backend, "state")
+        self._mode = self._MODES.get(self._backend, "state")
         if self._backend == "tensorflow":
             import tensorflow as tf
 
             if tf.distribute.has_strategy():
                 self._mode = "state"
         self._rows = []  # finished steps, dicts
-        self._raw = []  # state mode: (epoch, batch, total, count, lr, iterations)
+        self._snaps = []  # state mode: (epoch, batch or None at the end, snapshot)
         self._eager_rows = []  # eager mode: [loss, batch_size, iterations, lr, grad_norm]
-        self._pending = None
+        self._pending = False
+        self._jax_stack = None
         self._epoch = 0
         self._in_test = False
         self._grad_norms = {}
@@ -293,15 +298,15 @@ class SpikeMonitor(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
-        self._pending = None
+        self._pending = False
         self._batch_in_epoch = 0
         if self._mode == "state":
             self._locate()
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._mode == "state":
-            self._finish_pending()
-            self._pending = (self._epoch, batch, self._read_lr(), self._read("iterations"))
+            self._snaps.append((self._epoch, batch, self._snapshot()))
+            self._pending = True
         elif self._mode == "buffer":
             self._since_flush += 1
             if self._since_flush * self._steps_per_call() >= self._capacity // 2:
@@ -403,7 +408,7 @@ class SpikeMonitor(keras.callbacks.Callback):
         self._since_flush = 0
 
     def _steps_per_call(self):
-        return max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
+        return max(1, int(getattr(self._bare_model(), "steps_per_execution", 1) or 1))
 
     def _flush_buffer(self):
         end = int(self._cursor.numpy())
@@ -479,9 +484,20 @@ class SpikeMonitor(keras.callbacks.Callback):
 
     # -- reading the model between steps (JAX, and TF under tf.distribute) ---
 
+    def _bare_model(self):
+        """The model without `Callback.model`'s side effect.
+
+        On JAX, `Callback.model` syncs the trainer's state into the model's
+        variables (and the next step gathers it again) on every access: far
+        too slow between steps. The monitor reads the state itself.
+        """
+        model = self._model
+        return getattr(model, "module", model)  # torch DDP wrapper
+
     def _locate(self):
         """Indices of the variables in the JAX trainer's state lists."""
-        tracker = self.model._loss_tracker
+        model = self._bare_model()
+        tracker = model._loss_tracker
         opt = self._optimizer
         self._vars = {
             "total": (tracker.total, "metrics_variables"),
@@ -493,35 +509,62 @@ class SpikeMonitor(keras.callbacks.Callback):
         if self._backend != "jax":
             return
         lists = {
-            "metrics_variables": self.model.metrics_variables,
-            "optimizer_variables": list(self.model.optimizer.variables),
+            "metrics_variables": model.metrics_variables,
+            "optimizer_variables": list(model.optimizer.variables),
         }
         for key, (var, kind) in self._vars.items():
             self._index[key] = next(
                 (i for i, v in enumerate(lists[kind]) if v is var), None
             )
 
-    def _read(self, key):
-        var, kind = self._vars[key]
-        if var is None:
-            return float("nan")
+    def _values(self):
+        """(total, count, iterations, lr) now: arrays (JAX state) or floats."""
+        model = self._bare_model()
+        state = None
         if self._backend == "jax":
-            model = self.model
             state = getattr(model, "_jax_state", None)
-            index = self._index.get(key)
-            if state and not getattr(model, "_jax_state_synced", True):
-                if index is None or kind not in state:
-                    return float("nan")
-                # Converted now: the next step donates (deletes) this buffer.
-                return float(state[kind][index])
-        return float(ops.convert_to_numpy(var.value))
+            if getattr(model, "_jax_state_synced", True):
+                state = None  # the variables are current
+        values = []
+        for key in ("total", "count", "iterations", "lr"):
+            var, kind = self._vars[key]
+            if key == "lr" and not isinstance(var, keras.Variable):
+                values.append(self._constant_lr())
+            elif var is None:
+                values.append(float("nan"))
+            elif state is not None:
+                index = self._index.get(key)
+                values.append(
+                    float("nan") if index is None or kind not in state else state[kind][index]
+                )
+            else:
+                values.append(var.value)
+        return values
 
-    def _read_lr(self):
+    def _snapshot(self):
+        """The values now, without waiting for the device on JAX.
+
+        On JAX the four scalars are stacked by a jitted function into a new
+        array (dispatched asynchronously: the next step donates the state's
+        buffers, so they cannot be kept) and converted at the end of the
+        epoch. Elsewhere they are converted now.
+        """
+        values = self._values()
+        if self._backend == "jax":
+            if self._jax_stack is None:
+                import jax
+                import jax.numpy as jnp
+
+                self._jax_stack = jax.jit(
+                    lambda *xs: jnp.stack([jnp.asarray(x, jnp.float32) for x in xs])
+                )
+            return self._jax_stack(*values)
+        return [float(ops.convert_to_numpy(v)) if not isinstance(v, float) else v for v in values]
+
+    def _constant_lr(self):
         lr = getattr(self._optimizer, "_learning_rate", None)
         if self._schedule is not None:
             return float("nan")  # evaluated from the iterations in _convert
-        if isinstance(lr, keras.Variable):
-            return self._read("lr")
         if callable(lr):
             return float(ops.convert_to_numpy(lr()))
         try:
@@ -530,41 +573,38 @@ class SpikeMonitor(keras.callbacks.Callback):
             return float("nan")
 
     def _finish_pending(self):
-        if self._mode != "state" or self._pending is None:
+        """State mode: the snapshot after the last step of the epoch."""
+        if self._mode != "state" or not self._pending:
             return
-        epoch, batch, lr, iterations = self._pending
-        self._pending = None
-        self._raw.append(
-            (epoch, batch, self._read("total"), self._read("count"), lr, iterations)
-        )
+        self._pending = False
+        self._snaps.append((self._epoch, None, self._snapshot()))
 
     def _convert(self):
-        """State mode: step losses from differences of the tracker's sums."""
-        if not self._raw:
+        """State mode: step losses from differences of the tracker's sums.
+
+        Snapshot `k` is taken before step `k` of the epoch (so after step
+        `k - 1`): step `k` has the learning rate and iteration of snapshot `k`
+        and the loss `(total_{k+1} - total_k) / (count_{k+1} - count_k)`.
+        """
+        if not self._snaps:
             return
-        if self._grad_norms is not None and self._backend == "jax":
+        if self._backend == "jax":
             import jax
 
-            jax.effects_barrier()
-        raw, self._raw = self._raw, []
-        iterations = np.array([_to_float(r[5]) for r in raw])
+            jax.effects_barrier()  # gradient-norm callbacks have arrived
+        snaps, self._snaps = self._snaps, []
+        values = np.array(
+            [np.asarray(snap, dtype="float64").reshape(4) for _, _, snap in snaps]
+        )
         if self._schedule is not None:
-            rates = self._schedule_values(iterations)
-        else:
-            rates = [_to_float(r[4]) for r in raw]
-        previous = None  # (epoch, total, count) of the step before
-        if self._rows:
-            last = self._rows[-1]
-            previous = (last["epoch"], last.get("_total"), last.get("_count"))
-        for row, rate, iteration in zip(raw, rates, iterations):
-            epoch, batch, total, count, _, _ = row
-            total, count = _to_float(total), _to_float(count)
-            if previous is None or previous[0] != epoch or previous[1] is None:
-                prev_total, prev_count = 0.0, 0.0  # the tracker resets per epoch
-            else:
-                prev_total, prev_count = previous[1], previous[2]
-            size = count - prev_count
-            loss = (total - prev_total) / size if size > 0 else float("nan")
+            values[:, 3] = self._schedule_values(values[:, 2])
+        for k in range(len(snaps) - 1):
+            (epoch, batch, _), (next_epoch, _, _) = snaps[k], snaps[k + 1]
+            if batch is None or next_epoch != epoch:
+                continue
+            total, count, iteration, rate = values[k]
+            size = values[k + 1, 1] - count
+            loss = (values[k + 1, 0] - total) / size if size > 0 else float("nan")
             self._rows.append(
                 {
                     "step": len(self._rows),
@@ -574,12 +614,8 @@ class SpikeMonitor(keras.callbacks.Callback):
                     "batch_size": size,
                     "learning_rate": float(rate),
                     "grad_norm": self._grad_norms.get(int(iteration), float("nan")),
-                    "_iterations": iteration,
-                    "_total": total,
-                    "_count": count,
                 }
             )
-            previous = (epoch, total, count)
 
     def _schedule_values(self, iterations):
         steps = iterations

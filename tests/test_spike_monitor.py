@@ -116,7 +116,15 @@ def test_spike_planted_at_a_learning_rate_change():
     assert steps["loss"][s + 1] / steps["loss"][s] == pytest.approx(9.0, rel=0.05)
 
 
-def test_step_losses_match_an_independent_computation():
+@pytest.fixture(params=["native", "state"])
+def recording_mode(request, monkeypatch):
+    """Each backend's own recording, and the tracker-differencing fallback."""
+    if request.param == "state":
+        monkeypatch.setattr(keras_batchfix.SpikeMonitor, "_MODES", {})
+    return request.param
+
+
+def test_step_losses_match_an_independent_computation(recording_mode):
     # With a learning rate of 0 the weights never change, so the loss of each
     # batch can be computed directly; validation data checks that the last
     # step of an epoch is read before evaluate() resets the tracker.
