@@ -69,11 +69,12 @@ class CenterLoss(keras.layers.Layer):
 
     Labels: shape `(B,)` or `(B, 1)`, integers or integer-valued floats.
     In eager execution labels outside `[0, num_classes)` or non-integer
-    floats raise a `ValueError`. In compiled code (`tf.function`, XLA, `jax.jit`,
-    i.e. inside `fit`) they cannot be checked without a host round-trip: float
+    floats raise a `ValueError` (torch's `fit` runs eagerly, so it raises
+    too). In compiled code (`tf.function`, XLA, `jax.jit`: TensorFlow's and
+    JAX's `fit`) they are not checked, to avoid a host round-trip: float
     labels are truncated toward zero, and a sample whose label is outside
-    `[0, num_classes)` contributes nothing to the loss nor to the center update
-    (it still counts in `B`).
+    `[0, num_classes)` contributes nothing to the loss nor to the center
+    update (it still counts in `B`).
 
     Called with the features alone (`layer(features)`) the layer is the
     identity and adds no loss. For an inference model without labels, take
@@ -88,9 +89,11 @@ class CenterLoss(keras.layers.Layer):
     `L_C` for the current centers (no state change). On the TensorFlow and
     torch backends the layer also tracks a `keras.metrics.Mean` named
     `"<layer name>_value"` (default `"center_loss_value"`): it is updated
-    with the unweighted `L_C` of each batch in `fit` and `evaluate`, and shows in the
-    logs. On JAX, Keras's stateless `fit` drops metric updates made inside a
-    layer's `call`, so the metric is not created there.
+    with the unweighted `L_C` of each batch in `fit` and `evaluate`, and
+    shows in the logs. On JAX, Keras's stateless `fit` drops metric updates
+    made inside a layer's `call`, so the metric is not created there; log
+    the cross-entropy as a compiled metric instead and read
+    `L_C = (loss - crossentropy) / loss_weight`.
 
     Why not `compile(loss={"embedding": ...})`: a compiled loss is not told
     whether Keras is training or evaluating (the centers would move in
@@ -144,7 +147,8 @@ class CenterLoss(keras.layers.Layer):
         **kwargs,
     ):
         # No autocast: float labels must not become float16 under mixed
-        # precision (exact only up to 2048); the loss runs in the centers' dtype.
+        # precision (exact only up to 2048); the loss runs in the centers'
+        # dtype.
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         if int(num_classes) != num_classes or num_classes < 1:
@@ -178,7 +182,8 @@ class CenterLoss(keras.layers.Layer):
         self.feat_dim = None if feat_dim is None else int(feat_dim)
         self.centers_trainable = bool(centers_trainable)
         self.supports_masking = False
-        self._loss_threads = {}  # id(loss) -> thread that added it (tf.distribute)
+        # id(loss) -> thread that added it (tf.distribute); see _add_own_loss.
+        self._loss_threads = {}
         if keras.backend.backend() != "jax":
             self.value_tracker = keras.metrics.Mean(name=f"{self.name}_value")
         else:
@@ -206,7 +211,9 @@ class CenterLoss(keras.layers.Layer):
             shape=(self.num_classes, self.feat_dim),
             initializer=self.centers_initializer,
             trainable=self.centers_trainable,
-            aggregation="mean" if self.centers_trainable else "only_first_replica",
+            aggregation=(
+                "mean" if self.centers_trainable else "only_first_replica"
+            ),
             name="centers",
         )
         self.iterations = self.add_weight(
@@ -258,7 +265,9 @@ class CenterLoss(keras.layers.Layer):
             alpha = self._current_alpha()
             if not self.centers_trainable:
                 self.centers.assign(ops.stop_gradient(centers) - alpha * delta)
-            self.iterations.assign_add(ops.ones((), dtype=self.iterations.dtype))
+            self.iterations.assign_add(
+                ops.ones((), dtype=self.iterations.dtype)
+            )
         else:
             global_batch = _all_reduce_sum(local_batch)
 
@@ -273,7 +282,8 @@ class CenterLoss(keras.layers.Layer):
             # alpha * delta (Keras's 1/num_replicas and the replica sum
             # cancel, delta being global already).
             step = ops.stop_gradient(alpha * delta)
-            losses.append(ops.sum(step * (centers - ops.stop_gradient(centers))))
+            surrogate = step * (centers - ops.stop_gradient(centers))
+            losses.append(ops.sum(surrogate))
         self._add_own_loss(losses)
         if self.value_tracker is not None:
             self.value_tracker.update_state(
@@ -303,7 +313,9 @@ class CenterLoss(keras.layers.Layer):
                 if owners.get(id(loss), thread) == thread
             ]
             self._losses[:] = kept
-            self._loss_threads = {id(loss): owners.get(id(loss), thread) for loss in kept}
+            self._loss_threads = {
+                id(loss): owners.get(id(loss), thread) for loss in kept
+            }
             for loss in losses:
                 self._loss_threads[id(loss)] = thread
         for loss in losses:
@@ -323,7 +335,8 @@ class CenterLoss(keras.layers.Layer):
         return total / ops.maximum(batch, 1.0)
 
     def _current_alpha(self):
-        if isinstance(self.alpha, keras.optimizers.schedules.LearningRateSchedule):
+        schedule_type = keras.optimizers.schedules.LearningRateSchedule
+        if isinstance(self.alpha, schedule_type):
             return ops.cast(self.alpha(self.iterations), self.centers.dtype)
         return self.alpha
 
@@ -376,12 +389,14 @@ class CenterLoss(keras.layers.Layer):
             if bad.size:
                 raise ValueError(
                     "`labels` must be integers or integer-valued floats; "
-                    f"received non-integer values such as {bad.flat[0].item()!r}."
+                    "received non-integer values such as "
+                    f"{bad.flat[0].item()!r}."
                 )
         low, high = values.min().item(), values.max().item()
         if low < 0 or high >= self.num_classes:
             raise ValueError(
-                f"`labels` must lie in [0, num_classes) = [0, {self.num_classes}); "
+                "`labels` must lie in [0, num_classes) = "
+                f"[0, {self.num_classes}); "
                 f"received labels from {low} to {high}."
             )
 
@@ -413,7 +428,7 @@ def _half_squared_distance_sum(features, gathered, onehot):
 
 
 def _features_shape(input_shape):
-    """The features' shape from `build`'s / `compute_output_shape`'s argument."""
+    """The features' shape from the argument of `build` and friends."""
     if (
         isinstance(input_shape, (list, tuple))
         and len(input_shape) > 0
@@ -453,7 +468,7 @@ def _is_concrete(tensor):
 
 
 def _replica_context():
-    """The `tf.distribute` replica context with more than one replica, or None."""
+    """The `tf.distribute` replica context if it has 2+ replicas, else None."""
     if keras.backend.backend() != "tensorflow":
         return None
     import tensorflow as tf
