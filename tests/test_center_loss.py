@@ -483,3 +483,25 @@ def test_mixed_precision_keeps_labels_and_loss_in_float32():
     value = float(ops.convert_to_numpy(layer.losses[0]))
     expected = 0.01 * numpy_center_loss(c, features, labels.astype(int))
     np.testing.assert_allclose(value, expected, rtol=1e-4)
+
+
+def test_torch_reference_matches_numpy_rule_and_gradient():
+    """The PyTorch reference itself: one step against the NumPy formulas."""
+    torch, TorchCenterLoss = _torch_parity_setup()
+    rng = np.random.default_rng(9)
+    c0 = rng.normal(size=(K, D))
+    x = rng.normal(size=(6, D))
+    y = np.array([0, 0, 2, 3, 3, 3])
+    lam, alpha = 0.3, 0.5
+    center = TorchCenterLoss(K, D, centers=torch.from_numpy(c0))
+    features = torch.from_numpy(x).requires_grad_(True)
+    loss = lam * center(features, torch.from_numpy(y))
+    loss.backward()
+    center.make_optimizer(alpha).step()
+    np.testing.assert_allclose(loss.item(), lam * numpy_center_loss(c0, x, y))
+    np.testing.assert_allclose(features.grad.numpy(), lam * (x - c0[y]) / len(y))
+    np.testing.assert_allclose(
+        center.centers.detach().numpy(), numpy_center_step(c0, x, y, alpha)
+    )
+    with pytest.raises(ValueError, match="dimension"):
+        center(torch.zeros(2, D + 1, dtype=torch.float64), torch.tensor([0, 1]))
