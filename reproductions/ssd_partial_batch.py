@@ -3,14 +3,17 @@
 A small SSD (5 conv layers, 3 feature maps, 1344 anchors) is trained on a
 synthetic detection set (shapes on textured backgrounds, 1-5 objects per image,
 3 classes) whose size is not a multiple of the batch size, with SGD + momentum,
-in six variants that share the initial weights and the batch order:
+in seven runs that share the initial weights and the batch order:
 
   (a) bug    ssd_keras-style loss, per image (cls + alpha * box) / max(1, N_pos),
              reduced by Keras's default "sum_over_batch_size" (divides by b)
   (b) fix    the same function wrapped in `keras_batchfix.compensate`
   (c) fix    `keras_batchfix.SSDMultiboxLoss`
-  (d) drop   the bug, with the short batch dropped (PyTorch's drop_last=True)
-  (e) clip   the bug, with `global_clipnorm` (the seed's suggested mitigation)
+  (d) drop   the bug, with the short batch dropped (PyTorch's drop_last=True;
+             the full batches are the same images as in the other runs)
+  (e) clip   the bug, with `global_clipnorm` (the seed's suggested mitigation),
+             set before training to the median gradient norm of the buggy loss
+             over the first epoch's full batches at the initial weights
   (f) torch  the same model, loop and batches in PyTorch, with the loss of
              tests/references/torch_multibox.py (sum / max(1, N_pos))
   (g) control: (f) again from initial weights perturbed by a relative 1e-7
@@ -468,7 +471,10 @@ def plot(steps, spikes, gap, args, path, hardware):
     , fontsize=9)
     axes[1].set_yscale("log")
     axes[1].set_ylabel("batch SSD loss\nsum / max(1, N_pos), log scale")
-    axes[1].set_title("Same quantity for every variant: the loss each step's batch had before its update", fontsize=9)
+    axes[1].set_title("Same quantity for every variant: the loss each step's batch had before its update "
+                      "((b) and (c) coincide)", fontsize=9)
+    top = max(r["batch_loss"] for r in steps if np.isfinite(r["batch_loss"]))
+    axes[1].set_ylim(top=top * 8)  # room for the legend above the curves
     axes[1].legend(fontsize=8, ncol=2, loc="upper right")
     axes[2].set_ylabel("batch SSD loss")
     title = "Keras SSDMultiboxLoss (c) vs PyTorch (f): same weights, batches, SGD"
