@@ -37,8 +37,9 @@ class CenterLoss(keras.layers.Layer):
     `loss_weight * L_C` is added with `add_loss` (in training and in
     evaluation). Its gradient reaches the features only, never the centers.
     In training (`training=True`, i.e. in `fit`; never in `evaluate` or
-    `predict`) the centers then move by the paper's rule, computed from the
-    centers the loss used:
+    `predict`, nor when the layer is frozen with `layer.trainable = False`)
+    the centers then move by the paper's rule, computed from the centers the
+    loss used:
 
         c_j <- c_j - alpha * sum_{i: y_i = j} (c_j - x_i) / (1 + n_j)
 
@@ -251,6 +252,7 @@ class CenterLoss(keras.layers.Layer):
 
         # Everything that synchronizes replicas (all-reduces, updates of
         # mirrored variables) runs before `add_loss`; see `_add_own_loss`.
+        training = bool(training) and self.trainable
         if training:
             detached = ops.stop_gradient(features)
             # sum_{i: y_i=j} (c_j - x_i) and n_j, and B, over all replicas.

@@ -505,3 +505,22 @@ def test_torch_reference_matches_numpy_rule_and_gradient():
     )
     with pytest.raises(ValueError, match="dimension"):
         center(torch.zeros(2, D + 1, dtype=torch.float64), torch.tensor([0, 1]))
+
+
+def test_training_call_moves_centers_unless_frozen():
+    rng = np.random.default_rng(11)
+    c0 = rng.normal(size=(K, D))
+    x = rng.normal(size=(5, D)).astype("float32")
+    y = np.array([1, 1, 0, 3, 1], "int32")
+    layer = CenterLoss(K, alpha=0.4, centers_initializer=keras.initializers.Constant(c0))
+    layer([x, y], training=False)
+    np.testing.assert_array_equal(to_numpy(layer.centers), c0.astype("float32"))
+    layer([x, y], training=True)  # an eager training call updates
+    np.testing.assert_allclose(
+        to_numpy(layer.centers), numpy_center_step(c0, x, y, 0.4), rtol=1e-5, atol=1e-6
+    )
+    layer.trainable = False  # frozen: no update, no step
+    before = to_numpy(layer.centers)
+    layer([x, y], training=True)
+    np.testing.assert_array_equal(to_numpy(layer.centers), before)
+    assert int(ops.convert_to_numpy(layer.iterations)) == 1
