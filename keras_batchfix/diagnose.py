@@ -621,9 +621,51 @@ def _replicas(num_replicas):
 
 def _simulated(compiled, num_replicas):
     fast = compiled.compiled()  # only ever traced and run under _replicas
+    global_count = _global_count_loss(compiled.inner)
 
     def distributed(parts):
-        with _replicas(num_replicas):
-            return float(sum(float(fast(*part)) for part in parts))
+        if global_count is None:
+            with _replicas(num_replicas):
+                return float(sum(float(fast(*part)) for part in parts))
+        # This package's GlobalCount all-reduces the count: give every
+        # replica the sum of the replicas' counts (run eagerly, since the sum
+        # differs between calls).
+        from keras_batchfix import normalizers
+
+        counts = [
+            float(
+                global_count.numerator_and_count(
+                    ops.convert_to_tensor(yt, dtype=global_count.dtype),
+                    ops.convert_to_tensor(yp, dtype=global_count.dtype),
+                )[1]
+            )
+            for yt, yp, _ in parts
+        ]
+        original = normalizers._all_reduce_sum
+        normalizers._all_reduce_sum = lambda value: (
+            ops.convert_to_tensor(sum(counts), dtype=value.dtype),
+            1.0,
+        )
+        try:
+            with _replicas(num_replicas):
+                return float(sum(float(compiled(*part)) for part in parts))
+        finally:
+            normalizers._all_reduce_sum = original
 
     return distributed
+
+
+def _global_count_loss(loss):
+    """The loss if it is a `NormalizedLoss` with this package's `GlobalCount`."""
+    from keras_batchfix import normalizers
+    from keras_batchfix.normalized_loss import NormalizedLoss
+
+    global_count = getattr(normalizers, "GlobalCount", None)
+    if (
+        global_count is not None
+        and isinstance(loss, NormalizedLoss)
+        and isinstance(loss.normalizer, global_count)
+        and hasattr(normalizers, "_all_reduce_sum")
+    ):
+        return loss
+    return None

@@ -27,6 +27,16 @@ def _ssd_terms(y_true, y_pred, alpha=1.0):
     return class_loss + alpha * box_loss, ops.sum(positives)
 
 
+def ssd_numerator(y_true, y_pred):
+    """Per-image (class loss + alpha * box loss), not normalized."""
+    return _ssd_terms(y_true, y_pred)[0]
+
+
+def ssd_positives(y_true, y_pred):
+    """The batch's positive anchors."""
+    return _ssd_terms(y_true, y_pred)[1]
+
+
 def ssd_keras_style_loss(y_true, y_pred):
     """Per-image values / max(1, N_pos of the batch), without `* batch_size`."""
     per_image, n_pos = _ssd_terms(y_true, y_pred)

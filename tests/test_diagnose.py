@@ -16,6 +16,8 @@ from tests.seed_losses import N_CLASSES
 from tests.seed_losses import ssd_batch
 from tests.seed_losses import ssd_keras_style_loss
 from tests.seed_losses import ssd_keras_style_loss_times_batch
+from tests.seed_losses import ssd_numerator
+from tests.seed_losses import ssd_positives
 from tests.seed_losses import unnormalized_sum
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,6 +153,62 @@ def test_replica_check_uses_a_real_strategy_on_tensorflow(batch):
     assert per_sample.replica_ratio == pytest.approx(1.0, rel=1e-4)
     package = run(keras_batchfix.compensate(ssd_keras_style_loss), batch)
     assert package.replica_ratio == pytest.approx(1.0, rel=1e-4)
+
+
+def test_global_count_makes_any_split_exact(batch):
+    # Independent property: with the count all-reduced, the replicas' summed
+    # objective is the single-device loss even for distinct halves whose
+    # positives differ; with a per-replica count it is not.
+    positives = batch[0][..., 1:N_CLASSES].max(axis=-1).sum(axis=1)
+    order = np.argsort(positives, kind="stable")  # few positives first
+    batch = (batch[0][order], batch[1][order])
+    halves = np.split(positives[order], 2)
+    assert halves[0].sum() * 1.4 < halves[1].sum()  # the split is uneven
+    local = keras_batchfix.compensate(ssd_numerator, count=ssd_positives)
+    glob = keras_batchfix.compensate(
+        ssd_numerator, count=ssd_positives, normalizer=keras_batchfix.GlobalCount()
+    )
+    local_result, global_result = run(local, batch), run(glob, batch)
+    assert local_result.verdict == global_result.verdict == "invariant"
+    assert global_result.replica_ratio == pytest.approx(1.0, rel=1e-5)
+    assert global_result.replica_ratio_split == pytest.approx(1.0, rel=1e-5)
+    # Per-replica counts: sum_r num_r / (2 C_r), over num / C, by hand.
+    numerator = ops.convert_to_numpy(
+        ssd_numerator(ops.convert_to_tensor(batch[0]), ops.convert_to_tensor(batch[1]))
+    )
+    num_halves, count_halves = np.split(numerator, 2), halves
+    expected = sum(
+        n.sum() / (2 * c.sum()) for n, c in zip(num_halves, count_halves)
+    ) / (numerator.sum() / positives.sum())
+    assert local_result.replica_ratio_split == pytest.approx(expected, rel=1e-4)
+    assert abs(expected - 1.0) > 5e-3
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="tf.distribute only"
+)
+def test_simulated_split_agrees_with_mirrored_strategy(batch, monkeypatch):
+    import importlib
+
+    # (`keras_batchfix.diagnose` is the function; this is its module.)
+    diagnose_module = importlib.import_module("keras_batchfix.diagnose")
+
+    losses = [
+        keras.losses.Dice(),
+        "mse",
+        ssd_keras_style_loss,
+        keras_batchfix.compensate(ssd_numerator, count=ssd_positives),
+        keras_batchfix.compensate(
+            ssd_numerator, count=ssd_positives, normalizer=keras_batchfix.GlobalCount()
+        ),
+    ]
+    mirrored = [run(loss, batch) for loss in losses]
+    monkeypatch.setattr(diagnose_module, "_tf_devices", lambda n: None)
+    simulated = [run(loss, batch) for loss in losses]
+    for real, fake in zip(mirrored, simulated):
+        assert (real.replica_mode, fake.replica_mode) == ("mirrored", "simulated")
+        assert fake.replica_ratio == pytest.approx(real.replica_ratio, rel=1e-5)
+        assert fake.replica_ratio_split == pytest.approx(real.replica_ratio_split, rel=1e-5)
 
 
 def test_shape_notes(batch):
