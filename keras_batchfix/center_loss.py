@@ -12,6 +12,8 @@ import threading
 import keras
 from keras import ops
 
+from keras_batchfix.distribute import all_reduce_sum, replica_context, replicas_in_sync
+
 
 def _seed_initializer():
     """Kaiming-normal as the seed: `kaiming_normal_(centers.t())`.
@@ -244,10 +246,10 @@ class CenterLoss(keras.layers.Layer):
                 f"alone); received a sequence of {len(inputs)} tensors."
             )
         features_in, labels = inputs
-        features, onehot, _ = self._prepare(features_in, labels)
+        features, labels, valid = self._prepare(features_in, labels)
         centers = ops.convert_to_tensor(self.centers)
-        gathered = ops.matmul(onehot, ops.stop_gradient(centers))
-        local_sum = _half_squared_distance_sum(features, gathered, onehot)
+        gathered = ops.take(ops.stop_gradient(centers), labels, axis=0)
+        local_sum = _half_squared_distance_sum(features, gathered, valid)
         local_batch = ops.cast(ops.shape(features)[0], features.dtype)
 
         # Everything that synchronizes replicas (all-reduces, updates of
@@ -256,11 +258,10 @@ class CenterLoss(keras.layers.Layer):
         if training:
             detached = ops.stop_gradient(features)
             # sum_{i: y_i=j} (c_j - x_i) and n_j, and B, over all replicas.
-            sums = ops.matmul(
-                ops.transpose(onehot), ops.stop_gradient(gathered) - detached
-            )
-            counts = ops.sum(onehot, axis=0)
-            global_batch, sums, counts = _all_reduce_sum(
+            differences = ops.expand_dims(valid, -1) * (gathered - detached)
+            sums = ops.segment_sum(differences, labels, self.num_classes)
+            counts = ops.segment_sum(valid, labels, self.num_classes)
+            global_batch, sums, counts = all_reduce_sum(
                 [local_batch, sums, counts]
             )
             delta = sums / ops.expand_dims(1.0 + counts, -1)
@@ -271,12 +272,12 @@ class CenterLoss(keras.layers.Layer):
                 ops.ones((), dtype=self.iterations.dtype)
             )
         else:
-            global_batch = _all_reduce_sum(local_batch)
+            global_batch = all_reduce_sum(local_batch)
 
         # Under tf.distribute Keras multiplies add_loss values by
         # 1/num_replicas and sums the replicas' gradients: this replica adds
         # num_replicas * sum_local / B_global, so the total is sum / B_global.
-        replicas = float(_replica_count())
+        replicas = float(replicas_in_sync())
         loss = local_sum * (replicas / ops.maximum(global_batch, 1.0))
         losses = [self.loss_weight * loss]
         if training and self.centers_trainable:
@@ -306,7 +307,7 @@ class CenterLoss(keras.layers.Layer):
         ~2x, although the gradients stay right, tapes being per thread). So
         the losses this layer added from another thread are dropped first.
         """
-        if _replica_context() is not None:
+        if replica_context() is not None:
             thread = threading.get_ident()
             owners = self._loss_threads
             kept = [
@@ -330,9 +331,9 @@ class CenterLoss(keras.layers.Layer):
         """
         if not self.built:
             self.build([tuple(features.shape), tuple(labels.shape)])
-        features, onehot, _ = self._prepare(features, labels)
-        gathered = ops.matmul(onehot, ops.convert_to_tensor(self.centers))
-        total = _half_squared_distance_sum(features, gathered, onehot)
+        features, labels, valid = self._prepare(features, labels)
+        gathered = ops.take(ops.convert_to_tensor(self.centers), labels, axis=0)
+        total = _half_squared_distance_sum(features, gathered, valid)
         batch = ops.cast(ops.shape(features)[0], features.dtype)
         return total / ops.maximum(batch, 1.0)
 
@@ -343,7 +344,11 @@ class CenterLoss(keras.layers.Layer):
         return self.alpha
 
     def _prepare(self, features, labels):
-        """Casts, checks shapes and labels; returns features, one-hot, B."""
+        """Casts, checks shapes and labels; returns features, labels, valid.
+
+        `valid` is 1.0 for the samples whose label lies in
+        `[0, num_classes)`, 0.0 for the others (whose label becomes 0).
+        """
         dtype = self.centers.dtype
         features = ops.cast(features, dtype)
         shape = tuple(features.shape)
@@ -375,12 +380,9 @@ class CenterLoss(keras.layers.Layer):
         if _is_concrete(labels):
             self._check_label_values(labels)
         labels = ops.cast(labels, "int32")
-        classes = ops.arange(self.num_classes, dtype="int32")
-        onehot = ops.cast(
-            ops.equal(ops.expand_dims(labels, -1), ops.expand_dims(classes, 0)),
-            dtype,
-        )
-        return features, onehot, shape[0]
+        valid = ops.logical_and(labels >= 0, labels < self.num_classes)
+        # Out-of-range labels (compiled code only) read row 0, weighted 0.
+        return features, ops.where(valid, labels, 0), ops.cast(valid, dtype)
 
     def _check_label_values(self, labels):
         values = ops.convert_to_numpy(labels)
@@ -422,9 +424,8 @@ class CenterLoss(keras.layers.Layer):
         return config
 
 
-def _half_squared_distance_sum(features, gathered, onehot):
+def _half_squared_distance_sum(features, gathered, valid):
     """1/2 sum_i ||x_i - c_{y_i}||^2 over the samples with a valid label."""
-    valid = ops.sum(onehot, axis=-1)  # 0 for labels outside [0, num_classes)
     squared = ops.sum(ops.square(features - gathered), axis=-1)
     return 0.5 * ops.sum(valid * squared)
 
@@ -467,28 +468,3 @@ def _is_concrete(tensor):
         compiling = getattr(torch.compiler, "is_compiling", None)
         return not (compiling and compiling())
     return False
-
-
-def _replica_context():
-    """The `tf.distribute` replica context if it has 2+ replicas, else None."""
-    if keras.backend.backend() != "tensorflow":
-        return None
-    import tensorflow as tf
-
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return None
-    return context
-
-
-def _replica_count():
-    context = _replica_context()
-    return 1 if context is None else context.num_replicas_in_sync
-
-
-def _all_reduce_sum(value):
-    """Sum over `tf.distribute` replicas (identity elsewhere)."""
-    context = _replica_context()
-    if context is None:
-        return value
-    return context.all_reduce("SUM", value)

@@ -16,18 +16,7 @@ otherwise decides for you, and gets wrong for such losses:
 import keras
 from keras import ops
 
-
-def replicas_in_sync():
-    """Number of replicas that sum their gradients (1 outside `tf.distribute`).
-
-    Only the TensorFlow backend distributes by running one loss per replica;
-    JAX's `keras.distribution.DataParallel` runs one program on the global batch.
-    """
-    if keras.backend.backend() != "tensorflow":
-        return 1
-    import tensorflow as tf
-
-    return tf.distribute.get_strategy().num_replicas_in_sync
+from keras_batchfix.distribute import all_reduce_sum, replicas_in_sync
 
 
 @keras.saving.register_keras_serializable(package="keras_batchfix")
@@ -90,29 +79,21 @@ class GlobalCount(LocalCount):
     """
 
     def __call__(self, count):
-        count = ops.cast(ops.stop_gradient(count), "float32")
-        total, gradient_averaging = _all_reduce_sum(count)
+        count = ops.stop_gradient(ops.cast(count, "float32"))
+        total, gradient_averaging = _global_sum(count)
         return ops.maximum(total, 1.0) / gradient_averaging
 
 
-def _all_reduce_sum(value):
+def _global_sum(value):
     """`(sum of value over replicas, factor the framework divides grads by)`."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        context = tf.distribute.get_replica_context()
-        # None in a cross-replica context, e.g. while Keras traces a model.
-        if tf.distribute.has_strategy() and context is not None:
-            return context.all_reduce("SUM", value), 1.0
-    elif backend == "torch":
+    if keras.backend.backend() == "torch":
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             total = value.detach().clone()
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
             return total, float(dist.get_world_size())
-    return value, 1.0
+    return all_reduce_sum(value), 1.0
 
 
 def get(identifier):
