@@ -1,6 +1,7 @@
 """`CenterLoss` under `tf.distribute.MirroredStrategy` (2 logical CPUs).
 
-TensorFlow backend only (tests/conftest.py creates the logical devices).
+TensorFlow backend only (tests/conftest.py creates the logical devices and
+the shared strategy).
 The reference is single-device training on the same global batches, written
 in NumPy.
 """
@@ -13,8 +14,6 @@ import keras
 if keras.backend.backend() != "tensorflow":
     pytest.skip("tf.distribute needs the TensorFlow backend", allow_module_level=True)
 
-import tensorflow as tf  # noqa: E402
-
 from keras_batchfix import CenterLoss  # noqa: E402
 from tests.test_center_loss import (  # noqa: E402
     batches,
@@ -23,30 +22,6 @@ from tests.test_center_loss import (  # noqa: E402
 )
 
 K, D, IN = 4, 3, 5
-
-
-_STRATEGY = []
-
-
-def strategy():
-    """One `MirroredStrategy` for the module, reducing through one device.
-
-    TF gives every `MirroredStrategy` with collective all-reduce its own
-    instance-key counter starting at the same value, so two of them running
-    different programs on the same devices in one process can abort with
-    "Shape mismatch in the collective instance 100" (seen with TF 2.21).
-    `ReductionToOneDevice` uses no collective keys and cannot collide with
-    other test files' strategies. (The default cross-device ops were checked
-    by hand with the same test.)
-    """
-    if not _STRATEGY:
-        _STRATEGY.append(
-            tf.distribute.MirroredStrategy(
-                ["/cpu:0", "/cpu:1"],
-                cross_device_ops=tf.distribute.ReductionToOneDevice(),
-            )
-        )
-    return _STRATEGY[0]
 
 
 def single_device_reference(x, y, w, c, batch_size, lr, lam, alpha):
@@ -62,8 +37,8 @@ def single_device_reference(x, y, w, c, batch_size, lr, lam, alpha):
     return w, c, np.average(losses, weights=sizes)
 
 
-def fit_mirrored(x, y, w, c, batch_size, lr, lam, alpha):
-    with strategy().scope():
+def fit_mirrored(strategy, x, y, w, c, batch_size, lr, lam, alpha):
+    with strategy.scope():
         inputs = keras.Input((IN,))
         labels = keras.Input((), dtype="int32")
         dense = keras.layers.Dense(D, use_bias=False)
@@ -86,7 +61,7 @@ def replica_values(variable):
 
 
 @pytest.mark.parametrize("n", [16, 15])  # 15: last global batch of 7 splits 4 / 3
-def test_mirrored_equals_single_device(n):
+def test_mirrored_equals_single_device(n, mirrored_strategy):
     rng = np.random.default_rng(10 + n)
     batch_size, lr, lam, alpha = 8, 0.5, 0.7, 0.5
     x = rng.normal(size=(n, IN)).astype("float32")
@@ -94,7 +69,9 @@ def test_mirrored_equals_single_device(n):
     w = rng.normal(size=(IN, D))
     c = rng.normal(size=(K, D))
 
-    dense, layer, history = fit_mirrored(x, y, w, c, batch_size, lr, lam, alpha)
+    dense, layer, history = fit_mirrored(
+        mirrored_strategy, x, y, w, c, batch_size, lr, lam, alpha
+    )
     w_ref, c_ref, loss_ref = single_device_reference(
         x, y, w, c, batch_size, lr, lam, alpha
     )
