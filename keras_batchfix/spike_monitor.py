@@ -7,26 +7,36 @@ batch size, the learning rate and optionally the global gradient norm; flags
 spikes against a rolling median and MAD; attributes each to a cause it can
 see; and writes a CSV, a PNG plot and optionally TensorBoard scalars.
 
-How the per-step loss is obtained (no extra computation in the train step):
-Keras accumulates the loss in `model._loss_tracker`, a `Mean` whose `total`
-gets `loss_t * b_t` and whose `count` gets `b_t` (the batch size is the
-sample weight, see `keras/src/backend/*/trainer.py`). The monitor reads both
-variables between steps (in `on_train_batch_begin`, which Keras calls
-synchronously, so it stays `async_safe`), and takes differences:
-`b_t = count_t - count_{t-1}`, `loss_t = (total_t - total_{t-1}) / b_t`.
-On JAX the values are read from the trainer's in-flight state
-(`model._jax_state`) without syncing the model's variables.
+How a step is recorded (nothing is recomputed; see `keras/src/backend/*/
+trainer.py`: every train step calls `_loss_tracker.update_state(loss,
+sample_weight=batch_size)`):
 
-Precision: `total` is a float32 accumulator, so `total_t` carries a rounding
-error of up to half an ulp, about `6e-8 * total_t`. The recovered loss has a
-relative error of about `6e-8 * (sum_{s<=t} b_s loss_s) / (b_t loss_t)`:
-`6e-8` times the number of steps so far in the epoch (times `B / b` for a
-short batch): 6e-5 after 1,000 steps, 3e-4 for a batch 8x shorter. The
-differences themselves are taken in float64 from the float32 values, which is
-exact. Inverting `logs["loss"]` instead (`mean_t * seen_t - mean_{t-1} *
-seen_{t-1}`) would add the rounding of the division and need the sample
-counts from elsewhere; the tracker's `count` gives them exactly (up to 2**24
-samples per epoch, where float32 stops counting by ones).
+* TensorFlow: the tracker's `update_state` is wrapped (and the train function
+  retraced) so that the compiled step also writes `(loss, batch size,
+  iteration, learning rate)` into a ring buffer of `tf.Variable`s, read once
+  every 2048 steps and at the end of each epoch. The loss is the step's own
+  float32 value: exact.
+* torch: the same wrapper keeps the step's values as tensors (the step runs
+  eagerly; no device sync per step). Exact.
+* JAX (and TensorFlow under `tf.distribute`, where replica-local writes are
+  not possible): the jitted step cannot be hooked without changing its state,
+  so the monitor reads the tracker's `total` (sum of `loss_t * b_t`) and
+  `count` (sum of `b_t`) between steps, from the trainer's in-flight state
+  (`model._jax_state`; never through `Callback.model`, which would sync the
+  whole model every step), and takes differences:
+  `b_t = count_t - count_{t-1}`, `loss_t = (total_t - total_{t-1}) / b_t`.
+
+Precision of the differences: `total` is a float32 accumulator, so `total_t`
+carries a rounding error of up to half an ulp, about `6e-8 * total_t`, and
+the recovered loss a relative error of about
+`6e-8 * (sum_{s<=t} b_s loss_s) / (b_t loss_t)`: `6e-8` times the number of
+steps so far in the epoch (times `B / b` for a short batch), e.g. 6e-5 after
+1,000 steps, 5e-4 for a batch 8x shorter. The subtraction itself is done in
+float64 on the float32 values, so it adds nothing. Inverting `logs["loss"]`
+(`mean_t * seen_t - mean_{t-1} * seen_{t-1}`) would add the rounding of the
+division and need the sample counts from elsewhere; `count` gives them
+exactly (up to 2**24 samples per epoch). The error is far below what spike
+detection looks at (the `min_scale` floor is 1e-3).
 """
 
 import csv
@@ -167,14 +177,18 @@ class SpikeMonitor(keras.callbacks.Callback):
     Spikes at every short batch mean the loss scales with the batch size:
     check it with `keras_batchfix.diagnose`.
 
-    Cost: three or four scalar reads between steps; no change to the train
-    step unless `gradient_norm=True`, which wraps `optimizer.apply` to compute
-    `sqrt(sum_i ||g_i||^2)` of the gradients it receives (before clipping;
-    unscaled under `LossScaleOptimizer`) and rebuilds the train function
-    (on JAX the value leaves the jitted step through `jax.debug.callback`).
-    The gradient norm is not available under `tf.distribute` (NaN, with a
-    warning). With `steps_per_execution=k` a "step" is one execution of `k`
-    batches (their mean loss and total batch size).
+    Cost (see the module docstring for how steps are recorded, and
+    `benchmarks/monitor_overhead.py`): a few scalar writes in the train step
+    (TensorFlow, torch) or one small asynchronous read between steps (JAX);
+    the train function is retraced once per `fit`. `gradient_norm=True`
+    wraps `optimizer.apply` to compute `sqrt(sum_i ||g_i||^2)` of the
+    gradients it receives (before clipping; unscaled under
+    `LossScaleOptimizer`): cheap on TensorFlow and torch, but on JAX the value
+    leaves the jitted step through `jax.debug.callback`, a host callback per
+    step that costs several times the step time of a small model. It is not
+    available under `tf.distribute` (NaN, with a warning). With
+    `steps_per_execution=k` on JAX or under `tf.distribute`, a "step" is one
+    execution of `k` batches (their mean loss and total batch size).
 
     Args:
         log_dir: folder for the CSV, the plot and TensorBoard; `None` writes
@@ -344,10 +358,11 @@ class SpikeMonitor(keras.callbacks.Callback):
     #
     # The loss tracker's `update_state(loss, sample_weight=batch_size)` sees
     # the loss of the step and its batch size: the wrapper records them with
-    # the step's learning rate and iteration. TensorFlow: into a ring buffer
-    # of `tf.Variable`s written inside the compiled step and read every
-    # `capacity / 2` steps (one read instead of several per step). torch: the
-    # step runs eagerly, so the values are kept as tensors (no sync).
+    # the step's learning rate and iteration (read before the optimizer
+    # increments it, so the schedule's value for this step). TensorFlow: into
+    # a ring buffer of `tf.Variable`s written inside the compiled step and
+    # read every `capacity / 2` steps. torch: kept as tensors (no sync).
+    # Validation steps (between on_test_begin and on_test_end) are skipped.
 
     def _patch(self, obj, name, wrapper):
         original = getattr(obj, name)
