@@ -604,19 +604,28 @@ def _replicas(num_replicas):
 
     from keras_batchfix import normalizers
 
-    original_scale = loss_module.scale_loss_for_distribution
-    original_count = normalizers.replicas_in_sync
-
     def scale(value):
         return ops.multiply(value, ops.cast(1.0 / num_replicas, value.dtype))
 
+    # Every module that looked `replicas_in_sync` up by name.
+    modules = [normalizers]
+    try:
+        from keras_batchfix import distribute
+
+        modules.append(distribute)
+    except ImportError:  # pragma: no cover (older layout)
+        pass
+    originals = [(m, m.replicas_in_sync) for m in modules if hasattr(m, "replicas_in_sync")]
+    original_scale = loss_module.scale_loss_for_distribution
     loss_module.scale_loss_for_distribution = scale
-    normalizers.replicas_in_sync = lambda: num_replicas
+    for module, _ in originals:
+        module.replicas_in_sync = lambda: num_replicas
     try:
         yield
     finally:
         loss_module.scale_loss_for_distribution = original_scale
-        normalizers.replicas_in_sync = original_count
+        for module, original in originals:
+            module.replicas_in_sync = original
 
 
 def _simulated(compiled, num_replicas):
@@ -641,16 +650,20 @@ def _simulated(compiled, num_replicas):
             )
             for yt, yp, _ in parts
         ]
-        original = normalizers._all_reduce_sum
-        normalizers._all_reduce_sum = lambda value: (
-            ops.convert_to_tensor(sum(counts), dtype=value.dtype),
-            1.0,
-        )
+        def summed(value):
+            return ops.convert_to_tensor(sum(counts), dtype=value.dtype)
+
+        if hasattr(normalizers, "all_reduce_sum"):
+            name, patched = "all_reduce_sum", summed
+        else:  # the helper's earlier name and signature
+            name, patched = "_all_reduce_sum", lambda value: (summed(value), 1.0)
+        original = getattr(normalizers, name)
+        setattr(normalizers, name, patched)
         try:
             with _replicas(num_replicas):
                 return float(sum(float(compiled(*part)) for part in parts))
         finally:
-            normalizers._all_reduce_sum = original
+            setattr(normalizers, name, original)
 
     return distributed
 
@@ -665,7 +678,10 @@ def _global_count_loss(loss):
         global_count is not None
         and isinstance(loss, NormalizedLoss)
         and isinstance(loss.normalizer, global_count)
-        and hasattr(normalizers, "_all_reduce_sum")
+        and (
+            hasattr(normalizers, "all_reduce_sum")
+            or hasattr(normalizers, "_all_reduce_sum")
+        )
     ):
         return loss
     return None

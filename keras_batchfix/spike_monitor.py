@@ -18,15 +18,20 @@ sample_weight=batch_size)`):
   float32 value: exact.
 * torch: the same wrapper keeps the step's values as tensors (the step runs
   eagerly; no device sync per step). Exact.
-* JAX (and TensorFlow under `tf.distribute`, where replica-local writes are
-  not possible): the jitted step cannot be hooked without changing its state,
-  so the monitor reads the tracker's `total` (sum of `loss_t * b_t`) and
-  `count` (sum of `b_t`) between steps, from the trainer's in-flight state
-  (`model._jax_state`; never through `Callback.model`, which would sync the
-  whole model every step), and takes differences:
-  `b_t = count_t - count_{t-1}`, `loss_t = (total_t - total_{t-1}) / b_t`.
+* JAX: the jitted step is stateless, so the ring buffer is made of two
+  variables added to the loss tracker for the duration of `fit` (they travel
+  in the trainer's metrics state and are removed at the end); the step's
+  iteration and LR are taken in `optimizer.apply`, where the optimizer's
+  state is mapped, and written by the tracker wrapper. Exact.
+* Fallback (TensorFlow under `tf.distribute`, where replica-local writes are
+  not possible; JAX with a `LossScaleOptimizer`): the monitor reads the
+  tracker's `total` (sum of `loss_t * b_t`) and `count` (sum of `b_t`)
+  between steps (on JAX from `model._jax_state`; never through
+  `Callback.model`, which syncs the whole model on every access), and takes
+  differences: `b_t = count_t - count_{t-1}`,
+  `loss_t = (total_t - total_{t-1}) / b_t`.
 
-Precision of the differences: `total` is a float32 accumulator, so `total_t`
+Precision of the fallback's differences: `total` is a float32 accumulator, so `total_t`
 carries a rounding error of up to half an ulp, about `6e-8 * total_t`, and
 the recovered loss a relative error of about
 `6e-8 * (sum_{s<=t} b_s loss_s) / (b_t loss_t)`: `6e-8` times the number of
@@ -179,15 +184,14 @@ class SpikeMonitor(keras.callbacks.Callback):
 
     Cost (see the module docstring for how steps are recorded, and
     `benchmarks/monitor_overhead.py`): a few scalar writes in the train step
-    (TensorFlow, torch) or one small asynchronous read between steps (JAX);
-    the train function is retraced once per `fit`. `gradient_norm=True`
-    wraps `optimizer.apply` to compute `sqrt(sum_i ||g_i||^2)` of the
-    gradients it receives (before clipping; unscaled under
-    `LossScaleOptimizer`): cheap on TensorFlow and torch, but on JAX the value
-    leaves the jitted step through `jax.debug.callback`, a host callback per
-    step that costs several times the step time of a small model. It is not
-    available under `tf.distribute` (NaN, with a warning). With
-    `steps_per_execution=k` on JAX or under `tf.distribute`, a "step" is one
+    and one read of a small buffer every 2048 steps and per epoch; the train
+    function is retraced once per `fit`. `gradient_norm=True` also computes
+    `sqrt(sum_i ||g_i||^2)` of the gradients `optimizer.apply` receives
+    (before clipping; unscaled under `LossScaleOptimizer`), one reduction per
+    weight. In the fallback on JAX that value leaves the jitted step through
+    `jax.debug.callback`, which costs several times a small model's step. The
+    gradient norm is not available under `tf.distribute` (NaN, with a
+    warning). In the fallback with `steps_per_execution=k`, a "step" is one
     execution of `k` batches (their mean loss and total batch size).
 
     Args:
@@ -219,7 +223,7 @@ class SpikeMonitor(keras.callbacks.Callback):
 
     # How steps are recorded, per backend (anything else: "state", reading
     # the loss tracker between steps).
-    _MODES = {"tensorflow": "buffer", "torch": "eager"}
+    _MODES = {"tensorflow": "buffer", "torch": "eager", "jax": "jaxbuffer"}
 
     def __init__(
         self,
@@ -278,6 +282,8 @@ class SpikeMonitor(keras.callbacks.Callback):
 
             if tf.distribute.has_strategy():
                 self._mode = "state"
+        if self._mode == "jaxbuffer" and _innermost(model.optimizer) is not model.optimizer:
+            self._mode = "state"  # LossScaleOptimizer: apply runs in a cond
         self._rows = []  # finished steps, dicts
         self._snaps = []  # state mode: (epoch, batch or None at the end, snapshot)
         self._eager_rows = []  # eager mode: [loss, batch_size, iterations, lr, grad_norm]
@@ -294,11 +300,18 @@ class SpikeMonitor(keras.callbacks.Callback):
             keras.optimizers.schedules.LearningRateSchedule,
         ):
             self._schedule = self._optimizer._learning_rate
-        if self._mode == "buffer":
+        self._stash = None
+        if self._mode in ("buffer", "jaxbuffer"):
             self._make_buffer()
-        if self._mode in ("buffer", "eager"):
+        if self._mode in ("buffer", "eager", "jaxbuffer"):
             self._patch(model._loss_tracker, "update_state", self._wrap_update_state)
-        if self.gradient_norm:
+        if self._mode == "jaxbuffer":
+            # The optimizer's variables are only mapped inside its stateless
+            # apply, which JAX's train_step runs before the metrics update:
+            # the apply wrapper hands the step's iteration, LR (and gradient
+            # norm) to the tracker wrapper, within the same trace.
+            self._patch(self._optimizer, "apply", self._wrap_apply)
+        elif self.gradient_norm:
             if self._mode == "state" and self._backend == "tensorflow":
                 warnings.warn(
                     "SpikeMonitor(gradient_norm=True) is not supported under "
@@ -321,7 +334,7 @@ class SpikeMonitor(keras.callbacks.Callback):
         if self._mode == "state":
             self._snaps.append((self._epoch, batch, self._snapshot()))
             self._pending = True
-        elif self._mode == "buffer":
+        elif self._mode in ("buffer", "jaxbuffer"):
             self._since_flush += 1
             if self._since_flush * self._steps_per_call() >= self._capacity // 2:
                 self._flush_buffer()
@@ -373,6 +386,13 @@ class SpikeMonitor(keras.callbacks.Callback):
         for obj, name in self._patches:
             if name in vars(obj):
                 delattr(obj, name)
+        if self._mode == "jaxbuffer":
+            tracker = self._bare_model()._loss_tracker
+            # By identity: `list.remove` would compare variables elementwise.
+            tracker._variables[:] = [
+                v for v in tracker._variables
+                if v is not self._buffer and v is not self._cursor
+            ]
         if self._patches:
             self.model.train_function = None  # the next fit traces a clean one
             self.model.test_function = None
@@ -412,21 +432,60 @@ class SpikeMonitor(keras.callbacks.Callback):
             index = self._cursor % self._capacity
             self._buffer[index].assign(tf.cast(row, tf.float64))
             self._cursor.assign_add(1)
+        elif self._mode == "jaxbuffer" and self._stash is not None:
+            iterations, lr, norm = self._stash
+            self._stash = None
+            loss = ops.reshape(ops.cast(values, "float32"), ())
+            size = ops.cast(1 if sample_weight is None else sample_weight, "float32")
+            row = ops.stack([loss, size, iterations, lr, norm])
+            cursor = self._cursor.value
+            index = ops.mod(cursor, self._capacity)
+            self._buffer.assign(
+                ops.slice_update(
+                    self._buffer.value, (index, ops.zeros((), "int32")), row[None, :]
+                )
+            )
+            self._cursor.assign(cursor + 1)
 
     def _make_buffer(self):
-        import tensorflow as tf
-
         self._capacity = 4096
-        self._buffer = tf.Variable(tf.zeros((self._capacity, 5), tf.float64), trainable=False)
-        self._cursor = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._read_cursor = 0
         self._since_flush = 0
+        if self._mode == "jaxbuffer":
+            # Variables of the loss tracker travel in the JAX trainer's state
+            # (and are removed again at the end of `fit`).
+            tracker = self._bare_model()._loss_tracker
+            self._buffer = tracker.add_variable(
+                (self._capacity, 5), "zeros", dtype="float32", name="spike_monitor_steps"
+            )
+            self._cursor = tracker.add_variable(
+                (), "zeros", dtype="int32", name="spike_monitor_cursor"
+            )
+            return
+        import tensorflow as tf
+
+        self._buffer = tf.Variable(tf.zeros((self._capacity, 5), tf.float64), trainable=False)
+        self._cursor = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def _buffer_values(self):
+        """(cursor, table) now, as NumPy."""
+        if self._mode == "buffer":
+            return int(self._cursor.numpy()), self._buffer.numpy()
+        model = self._bare_model()
+        state = getattr(model, "_jax_state", None)
+        if state and not getattr(model, "_jax_state_synced", True):
+            variables = model.metrics_variables
+            i = next(i for i, v in enumerate(variables) if v is self._cursor)
+            j = next(i for i, v in enumerate(variables) if v is self._buffer)
+            values = state["metrics_variables"]
+            return int(np.asarray(values[i])), np.asarray(values[j])
+        return int(np.asarray(self._cursor.value)), np.asarray(self._buffer.value)
 
     def _steps_per_call(self):
         return max(1, int(getattr(self._bare_model(), "steps_per_execution", 1) or 1))
 
     def _flush_buffer(self):
-        end = int(self._cursor.numpy())
+        end, table = self._buffer_values()
         start = self._read_cursor
         self._since_flush = 0
         if end == start:
@@ -434,7 +493,6 @@ class SpikeMonitor(keras.callbacks.Callback):
         if end - start > self._capacity:  # pragma: no cover (flushed in time)
             warnings.warn("SpikeMonitor lost steps: its buffer overflowed.", stacklevel=2)
             start = end - self._capacity
-        table = self._buffer.numpy()
         rows = table[np.arange(start, end) % self._capacity]
         self._read_cursor = end
         self._append_rows(rows)
@@ -447,7 +505,17 @@ class SpikeMonitor(keras.callbacks.Callback):
             squares = [
                 ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads if g is not None
             ]
-            norm = ops.sqrt(sum(squares)) if squares else ops.convert_to_tensor(0.0)
+            if monitor.gradient_norm and squares:
+                norm = ops.sqrt(sum(squares))
+            else:
+                norm = ops.convert_to_tensor(float("nan"))
+            if monitor._mode == "jaxbuffer":
+                monitor._stash = (
+                    ops.cast(ops.convert_to_tensor(opt.iterations), "float32"),
+                    ops.cast(opt.learning_rate, "float32"),
+                    ops.cast(norm, "float32"),
+                )
+                return original(grads, trainable_variables)
             monitor._record_grad_norm(norm, opt.iterations)
             return original(grads, trainable_variables)
 
@@ -489,7 +557,7 @@ class SpikeMonitor(keras.callbacks.Callback):
 
     def _collect(self):
         """Moves the steps recorded so far into `self._rows`."""
-        if self._mode == "buffer":
+        if self._mode in ("buffer", "jaxbuffer"):
             self._flush_buffer()
         elif self._mode == "eager":
             rows, self._eager_rows = self._eager_rows, []

@@ -148,6 +148,13 @@ def test_step_losses_match_an_independent_computation(recording_mode):
     np.testing.assert_allclose(monitor.steps["loss"], expected * 2, rtol=1e-5)
     np.testing.assert_array_equal(monitor.steps["batch_size"], sizes * 2)
     np.testing.assert_array_equal(monitor.steps["epoch"], [0] * 7 + [1] * 7)
+    # The hooks are gone: the tracker has its own two variables again, and
+    # the model trains and evaluates without the monitor.
+    assert len(model._loss_tracker.variables) == 2
+    assert "update_state" not in vars(model._loss_tracker)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    full = float(np.mean((x @ w + b - y) ** 2))  # lr 0: weights unchanged
+    assert model.evaluate(x, y, verbose=0) == pytest.approx(full, rel=1e-5)
 
 
 def test_gradient_norm_matches_numpy():
