@@ -14,7 +14,7 @@ sample_weight=batch_size)`):
 * TensorFlow: the tracker's `update_state` is wrapped (and the train function
   retraced) so that the compiled step also writes `(loss, batch size,
   iteration, learning rate)` into a ring buffer of `tf.Variable`s, read once
-  every 2048 steps and at the end of each epoch. The loss is the step's own
+  every 128 steps and at the end of each epoch. The loss is the step's own
   float32 value: exact.
 * torch: the same wrapper keeps the step's values as tensors (the step runs
   eagerly; no device sync per step). Exact.
@@ -184,7 +184,7 @@ class SpikeMonitor(keras.callbacks.Callback):
 
     Cost (see the module docstring for how steps are recorded, and
     `benchmarks/monitor_overhead.py`): a few scalar writes in the train step
-    and one read of a small buffer every 2048 steps and per epoch; the train
+    and one read of a small buffer every 128 steps and per epoch; the train
     function is retraced once per `fit`. `gradient_norm=True` also computes
     `sqrt(sum_i ||g_i||^2)` of the gradients `optimizer.apply` receives
     (before clipping; unscaled under `LossScaleOptimizer`), one reduction per
@@ -448,7 +448,7 @@ class SpikeMonitor(keras.callbacks.Callback):
             self._cursor.assign(cursor + 1)
 
     def _make_buffer(self):
-        self._capacity = 4096
+        self._capacity = 256  # small: XLA may copy the buffer on every write
         self._read_cursor = 0
         self._since_flush = 0
         if self._mode == "jaxbuffer":

@@ -259,3 +259,20 @@ def read_events(folder):
                 number = tf.make_ndarray(value.tensor)
                 found.append((value.tag, event.step, float(number)))
     return found
+
+
+def test_long_epochs_wrap_the_step_buffer():
+    # 300 steps per epoch: more than the ring buffer holds, so it is read
+    # mid-epoch and wraps around; the losses must still be the batches'.
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(600, 2)).astype("float32")
+    y = rng.normal(size=(600, 1)).astype("float32")
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    monitor = keras_batchfix.SpikeMonitor(verbose=0)
+    model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    w, b = model.get_weights()
+    expected = np.mean(((x @ w + b - y) ** 2).reshape(300, 2), axis=1)
+    np.testing.assert_allclose(monitor.steps["loss"], expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(monitor.steps["batch"], np.arange(300))
