@@ -165,6 +165,20 @@ def test_top_k_mask_selects_exactly_k_even_with_ties():
         assert (row[~row_mask] <= kth).all()
 
 
+def test_top_k_mask_matches_a_stable_sort_on_random_rows():
+    rng = np.random.default_rng(9)
+    # Few distinct values (many ties), zeros, tiny and huge values, negatives.
+    pool = np.array([0.0, 1e-30, 1e-7, 0.5, 0.5, 2.0, 3e4, 1e30], "float32")
+    scores = rng.choice(pool, size=(20, 300))
+    scores[rng.random(scores.shape) < 0.2] = -1.0  # never selected
+    k = np.array([rng.integers(0, (row >= 0).sum() + 1) for row in scores], "int32")
+    mask = keras.ops.convert_to_numpy(top_k_mask(scores, k))
+    for row, kr, row_mask in zip(scores, k, mask):
+        want = np.zeros_like(row_mask)
+        want[np.argsort(-row, kind="stable")[:kr]] = True  # first among ties
+        np.testing.assert_array_equal(row_mask, want)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
