@@ -293,6 +293,10 @@ SEARCH_SETTINGS = [
     ("orthogonal_init", {"init": "orthogonal"}, (0,)),
     ("hard_aug", {"shift": 2, "noise": 1.0}, (0, 1)),
     ("hard_aug_batch8", {"shift": 2, "noise": 1.0, "batch_size": 8}, (0,)),
+    # near the BatchNorm + weight-decay equilibrium of the weight norms
+    # (lr * wd / (1 - momentum) * steps ~ 5 by the first decay, like a long run)
+    ("wd5e-3_batch8_epochs60",
+     {"weight_decay": 5e-3, "batch_size": 8, "epochs": 60}, (0,)),
 ]
 SEARCH_KEYS = ("train_center", "val_center", "eval_train_feat_norm",
                "eval_train_rel_center", "train_ce")
