@@ -6,7 +6,9 @@ and with it and `gradient_norm=True`, the three interleaved. Each `fit` runs
 two epochs and only the second is timed (the first includes tracing). The
 ratio of a configuration is the median over repeats of its step time divided
 by the baseline's step time measured right before it (pairs measured close
-in time cancel most of the drift of a shared machine).
+in time cancel most of the drift of a shared machine). "min ratio" divides
+the fastest epoch of a configuration by the fastest baseline epoch: on a busy
+machine, where other work only ever adds time, it is the steadier estimate.
 
     python benchmarks/monitor_overhead.py            # all three backends
     python benchmarks/monitor_overhead.py --backends jax --repeats 9
@@ -86,6 +88,7 @@ def worker(args):
                 "ratio": statistics.median(
                     t / b for t, b in zip(step_times[name], base)
                 ),
+                "min_ratio": min(step_times[name]) / min(base),
             }
             for name in CONFIGS
         }
@@ -119,12 +122,18 @@ def main():
         f"batch {args.batch_size}, {steps} steps per timed epoch, "
         f"{args.repeats} repeats (median of paired ratios)"
     )
-    print(f"{'backend':11s} {'configuration':34s} {'step (us)':>10s} {'ratio':>7s}")
+    print(
+        f"{'backend':11s} {'configuration':34s} {'step (us)':>10s} {'ratio':>7s}"
+        f" {'min ratio':>9s}"
+    )
     for backend in args.backends.split(","):
         results = run_worker(os.path.abspath(__file__), backend, forwarded)
         for name in CONFIGS:
             row = results[name]
-            print(f"{backend:11s} {name:34s} {row['step_us']:10.1f} {row['ratio']:7.3f}")
+            print(
+                f"{backend:11s} {name:34s} {row['step_us']:10.1f} {row['ratio']:7.3f}"
+                f" {row['min_ratio']:9.3f}"
+            )
 
 
 if __name__ == "__main__":
