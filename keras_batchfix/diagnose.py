@@ -20,6 +20,10 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_batchfix import distribute
+from keras_batchfix.normalized_loss import NormalizedLoss
+from keras_batchfix.normalizers import GlobalCount
+
 MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 #: Verdicts, and the fix each calls for.
@@ -570,7 +574,10 @@ def _tf_devices(num_replicas):
 def _mirrored(compiled, devices):
     import tensorflow as tf
 
-    strategy = tf.distribute.MirroredStrategy(devices)
+    # No collective ops: their instance keys clash between strategies.
+    strategy = tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
 
     def distributed(parts):
         def value_fn(context):
@@ -598,34 +605,20 @@ def _mirrored(compiled, devices):
 
 
 @contextlib.contextmanager
-def _replicas(num_replicas):
-    """Runs Keras's (and this package's) reduction code as on `num_replicas`."""
+def _replicas(num_replicas, all_reduce_sum=None):
+    """Runs Keras's and this package's reduction code as on `num_replicas`."""
     from keras.src.losses import loss as loss_module
-
-    from keras_batchfix import normalizers
 
     def scale(value):
         return ops.multiply(value, ops.cast(1.0 / num_replicas, value.dtype))
 
-    # Every module that looked `replicas_in_sync` up by name.
-    modules = [normalizers]
-    try:
-        from keras_batchfix import distribute
-
-        modules.append(distribute)
-    except ImportError:  # pragma: no cover (older layout)
-        pass
-    originals = [(m, m.replicas_in_sync) for m in modules if hasattr(m, "replicas_in_sync")]
     original_scale = loss_module.scale_loss_for_distribution
     loss_module.scale_loss_for_distribution = scale
-    for module, _ in originals:
-        module.replicas_in_sync = lambda: num_replicas
     try:
-        yield
+        with distribute.simulated_replicas(num_replicas, all_reduce_sum):
+            yield
     finally:
         loss_module.scale_loss_for_distribution = original_scale
-        for module, original in originals:
-            module.replicas_in_sync = original
 
 
 def _simulated(compiled, num_replicas):
@@ -636,11 +629,8 @@ def _simulated(compiled, num_replicas):
         if global_count is None:
             with _replicas(num_replicas):
                 return float(sum(float(fast(*part)) for part in parts))
-        # This package's GlobalCount all-reduces the count: give every
-        # replica the sum of the replicas' counts (run eagerly, since the sum
-        # differs between calls).
-        from keras_batchfix import normalizers
-
+        # GlobalCount all-reduces the count: give every replica the sum of
+        # the replicas' counts (run eagerly, since the sum differs per call).
         counts = [
             float(
                 global_count.numerator_and_count(
@@ -650,38 +640,18 @@ def _simulated(compiled, num_replicas):
             )
             for yt, yp, _ in parts
         ]
+
         def summed(value):
             return ops.convert_to_tensor(sum(counts), dtype=value.dtype)
 
-        if hasattr(normalizers, "all_reduce_sum"):
-            name, patched = "all_reduce_sum", summed
-        else:  # the helper's earlier name and signature
-            name, patched = "_all_reduce_sum", lambda value: (summed(value), 1.0)
-        original = getattr(normalizers, name)
-        setattr(normalizers, name, patched)
-        try:
-            with _replicas(num_replicas):
-                return float(sum(float(compiled(*part)) for part in parts))
-        finally:
-            setattr(normalizers, name, original)
+        with _replicas(num_replicas, summed):
+            return float(sum(float(compiled(*part)) for part in parts))
 
     return distributed
 
 
 def _global_count_loss(loss):
-    """The loss if it is a `NormalizedLoss` with this package's `GlobalCount`."""
-    from keras_batchfix import normalizers
-    from keras_batchfix.normalized_loss import NormalizedLoss
-
-    global_count = getattr(normalizers, "GlobalCount", None)
-    if (
-        global_count is not None
-        and isinstance(loss, NormalizedLoss)
-        and isinstance(loss.normalizer, global_count)
-        and (
-            hasattr(normalizers, "all_reduce_sum")
-            or hasattr(normalizers, "_all_reduce_sum")
-        )
-    ):
+    """The loss if it is a `NormalizedLoss` normalized by `GlobalCount`."""
+    if isinstance(loss, NormalizedLoss) and isinstance(loss.normalizer, GlobalCount):
         return loss
     return None

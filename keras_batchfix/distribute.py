@@ -5,7 +5,30 @@ gradients; JAX's `keras.distribution.DataParallel` runs one program over the
 global batch, so there these helpers see one replica and change nothing.
 """
 
+import contextlib
+
 import keras
+
+# Set by `simulated_replicas` (used by `keras_batchfix.diagnose`).
+_simulation = None
+
+
+@contextlib.contextmanager
+def simulated_replicas(num_replicas, all_reduce_sum=None):
+    """Runs this package's losses as if on one of `num_replicas` replicas.
+
+    Inside the context `replicas_in_sync()` returns `num_replicas` and
+    `all_reduce_sum(value)` returns `all_reduce_sum(value)` of the argument
+    (default: `value` itself), so a caller can evaluate the replicas one after
+    the other on one device. Not thread-safe; for diagnostics.
+    """
+    global _simulation
+    previous = _simulation
+    _simulation = (int(num_replicas), all_reduce_sum or (lambda value: value))
+    try:
+        yield
+    finally:
+        _simulation = previous
 
 
 def replica_context():
@@ -25,6 +48,8 @@ def replica_context():
 
 def replicas_in_sync():
     """Number of replicas whose gradients Keras sums (1 outside `tf.distribute`)."""
+    if _simulation is not None:
+        return _simulation[0]
     if keras.backend.backend() != "tensorflow":
         return 1
     import tensorflow as tf
@@ -34,6 +59,8 @@ def replicas_in_sync():
 
 def all_reduce_sum(value):
     """Sum of `value` (a tensor or a list of tensors) over the replicas."""
+    if _simulation is not None:
+        return _simulation[1](value)
     context = replica_context()
     if context is None:
         return value
