@@ -183,7 +183,7 @@ class SpikeMonitor(keras.callbacks.Callback):
     check it with `keras_batchfix.diagnose`.
 
     Cost (see the module docstring for how steps are recorded, and
-    `benchmarks/monitor_overhead.py`): a few scalar writes in the train step
+    `benchmarks/fit_overhead.py`): a few scalar writes in the train step
     and one read of a small buffer every 128 steps and per epoch; the train
     function is retraced once per `fit`. `gradient_norm=True` also computes
     `sqrt(sum_i ||g_i||^2)` of the gradients `optimizer.apply` receives

@@ -1,8 +1,10 @@
-"""Cost of `SpikeMonitor` on the step time of a small model, per backend.
+"""Cost of `compensate` and `SpikeMonitor` on the `fit` step time of a small model.
 
 Each backend runs in its own process (see `harness.run_worker`). There, a
-small MLP is trained with `fit` without the monitor (the baseline), with it,
-and with it and `gradient_norm=True`, the three interleaved. Each `fit` runs
+small MLP is trained with `fit` on Keras's `"mse"` (the baseline), on
+`compensate(keras.losses.MeanSquaredError())` (the wrapper's cost: its own
+reduction instead of Keras's), with `SpikeMonitor`, and with
+`SpikeMonitor(gradient_norm=True)`, all interleaved. Each `fit` runs
 two epochs and only the second is timed (the first includes tracing). The
 ratio of a configuration is the median over repeats of its step time divided
 by the baseline's step time measured right before it (pairs measured close
@@ -10,9 +12,9 @@ in time cancel most of the drift of a shared machine). "min ratio" divides
 the fastest epoch of a configuration by the fastest baseline epoch: on a busy
 machine, where other work only ever adds time, it is the steadier estimate.
 
-    python benchmarks/monitor_overhead.py            # all three backends
-    python benchmarks/monitor_overhead.py --backends jax --repeats 9
-    python benchmarks/monitor_overhead.py --quick    # smoke run
+    python benchmarks/fit_overhead.py            # all three backends
+    python benchmarks/fit_overhead.py --backends jax --repeats 9
+    python benchmarks/fit_overhead.py --quick    # smoke run
 """
 
 import argparse
@@ -24,7 +26,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import emit, run_worker  # noqa: E402
 
-CONFIGS = ("baseline", "SpikeMonitor", "SpikeMonitor(gradient_norm=True)")
+CONFIGS = (
+    "baseline",
+    "compensate(mse)",
+    "SpikeMonitor",
+    "SpikeMonitor(gradient_norm=True)",
+)
 
 
 def worker(args):
@@ -45,7 +52,7 @@ def worker(args):
         def on_epoch_end(self, epoch, logs=None):
             self.times.append(time.perf_counter() - self.start)
 
-    def make_model():
+    def make_model(name):
         model = keras.Sequential(
             [
                 keras.Input((args.features,)),
@@ -54,11 +61,14 @@ def worker(args):
                 keras.layers.Dense(1),
             ]
         )
-        model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss="mse")
+        loss = "mse"
+        if name == "compensate(mse)":
+            loss = keras_batchfix.compensate(keras.losses.MeanSquaredError())
+        model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss=loss)
         return model
 
     def callbacks(name):
-        if name == "baseline":
+        if not name.startswith("SpikeMonitor"):
             return []
         return [
             keras_batchfix.SpikeMonitor(
@@ -70,7 +80,7 @@ def worker(args):
     x = rng.normal(size=(args.samples, args.features)).astype("float32")
     y = rng.normal(size=(args.samples, 1)).astype("float32")
     steps = -(-args.samples // args.batch_size)
-    models = {name: make_model() for name in CONFIGS}
+    models = {name: make_model(name) for name in CONFIGS}
     step_times = {name: [] for name in CONFIGS}
     for _ in range(args.repeats):
         for name in CONFIGS:
@@ -118,7 +128,7 @@ def main():
     ]
     steps = -(-args.samples // args.batch_size)
     print(
-        f"SpikeMonitor overhead: MLP {args.features}-{args.width}-{args.width}-1, "
+        f"fit overhead: MLP {args.features}-{args.width}-{args.width}-1, "
         f"batch {args.batch_size}, {steps} steps per timed epoch, "
         f"{args.repeats} repeats (median of paired ratios)"
     )
