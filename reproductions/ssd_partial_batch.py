@@ -255,19 +255,24 @@ def train_keras(keras, model, loss, optimizer, plan, images, y_true, name, log):
     model.compile(optimizer=optimizer, loss=loss)
     rows = []
     start = time.time()
-    epochs = plan[-1][0] + 1
     for step, (epoch, idx) in enumerate(plan):
         reported = float(model.train_on_batch(images[idx], y_true[idx]))
         if not np.isfinite(reported):
             log(f"  {name}: non-finite loss at step {step}; stopping this variant")
             break
-        rows.append(dict(step=step, epoch=epoch, batch_size=len(idx), reported=reported))
-        if step + 1 == len(plan) or plan[step + 1][0] != epoch:
-            log(
-                f"  {name:15s} epoch {epoch + 1:2d}/{epochs}  last batch loss "
-                f"{reported:.4g}  ({time.time() - start:.0f} s)"
-            )
+        record_step(rows, plan, step, len(idx), reported, name, start, log)
     return rows, time.time() - start
+
+
+def record_step(rows, plan, step, batch_size, reported, name, start, log):
+    """Appends a step's row; logs progress at the last step of an epoch."""
+    epoch = plan[step][0]
+    rows.append(dict(step=step, epoch=epoch, batch_size=batch_size, reported=reported))
+    if step + 1 == len(plan) or plan[step + 1][0] != epoch:
+        log(
+            f"  {name:15s} epoch {epoch + 1:2d}/{plan[-1][0] + 1}  last batch loss "
+            f"{reported:.4g}  ({time.time() - start:.0f} s)"
+        )
 
 
 def train_torch(model, plan, images, y_true, lr, momentum, name, log):
@@ -279,7 +284,6 @@ def train_torch(model, plan, images, y_true, lr, momentum, name, log):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     rows = []
     start = time.time()
-    epochs = plan[-1][0] + 1
     images_t = torch.from_numpy(images)
     y_true_t = torch.from_numpy(y_true)
     for step, (epoch, idx) in enumerate(plan):
@@ -291,12 +295,7 @@ def train_torch(model, plan, images, y_true, lr, momentum, name, log):
         loss.backward()
         optimizer.step()
         reported = float(loss.detach())
-        rows.append(dict(step=step, epoch=epoch, batch_size=len(idx), reported=reported))
-        if step + 1 == len(plan) or plan[step + 1][0] != epoch:
-            log(
-                f"  {name:15s} epoch {epoch + 1:2d}/{epochs}  last batch loss "
-                f"{reported:.4g}  ({time.time() - start:.0f} s)"
-            )
+        record_step(rows, plan, step, len(idx), reported, name, start, log)
     return rows, time.time() - start
 
 
@@ -522,7 +521,6 @@ def main(argv=None):
     def log(msg):
         print(f"[{time.time() - t_start:6.1f}s] {msg}", flush=True)
 
-    import numpy as np
     import keras
     import torch
 

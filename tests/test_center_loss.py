@@ -5,7 +5,6 @@ Run under each backend: `KERAS_BACKEND=jax pytest tests/test_center_loss.py`
 here and the PyTorch port of seed 003 in `tests/references`.
 """
 
-import os
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ import pytest
 import keras
 from keras import ops
 
-import keras_batchfix
 from keras_batchfix import CenterLoss
 
 BACKEND = keras.backend.backend()
