@@ -21,6 +21,12 @@ class Compensated(NormalizedLoss):
                 "Argument `count` must be a callable `(y_true, y_pred) -> scalar` "
                 f"or None; received {count!r}."
             )
+        if count is None and normalizer is not None:
+            raise ValueError(
+                "Argument `normalizer` applies to a `count`; received "
+                f"normalizer={normalizer!r} with count=None (a loss that "
+                "normalizes itself has no count to normalize by)."
+            )
         if name is None:
             name = "compensated_" + getattr(
                 loss, "name", getattr(loss, "__name__", "loss")
@@ -36,7 +42,7 @@ class Compensated(NormalizedLoss):
             values = self.loss(y_true, y_pred)
         values = ops.convert_to_tensor(values)
         if self.count is None:
-            return values, ops.ones((), dtype=self.dtype)
+            return values, None
         count = ops.convert_to_tensor(self.count(y_true, y_pred))
         if len(count.shape) != 0:
             raise ValueError(
@@ -49,13 +55,15 @@ class Compensated(NormalizedLoss):
         config = super().get_config()
         config["loss"] = keras.saving.serialize_keras_object(self.loss)
         config["count"] = keras.saving.serialize_keras_object(self.count)
+        if self.count is None:
+            del config["normalizer"]
         return config
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
         for key in ("loss", "count", "normalizer"):
-            config[key] = keras.saving.deserialize_keras_object(config[key])
+            config[key] = keras.saving.deserialize_keras_object(config.get(key))
         return cls(**config)
 
 
@@ -84,7 +92,8 @@ def compensate(loss, count=None, normalizer=None, name=None):
         loss: `(y_true, y_pred) -> values`, a function or a `keras.losses.Loss`
             (its unreduced `call` is used).
         count: optional `(y_true, y_pred) -> scalar`, the normalizing count.
-        normalizer: see `keras_batchfix.LocalCount`; default `LocalCount()`.
+        normalizer: how `count` becomes the divisor (only with `count`); see
+            `keras_batchfix.LocalCount` (the default) and `GlobalCount`.
         name: name of the loss; default `"compensated_" + loss name`.
 
     Returns:

@@ -14,6 +14,7 @@ from keras import ops
 from keras.src.backend import get_keras_mask  # how Keras itself reads masks
 
 from keras_batchfix import normalizers
+from keras_batchfix.distribute import replicas_in_sync
 
 
 class NormalizedLoss(keras.losses.Loss):
@@ -22,7 +23,8 @@ class NormalizedLoss(keras.losses.Loss):
     Subclasses implement `numerator_and_count(y_true, y_pred)`, returning
 
     * `numerator`: the values to add up, of shape `()`, `(B,)` or `(B, ...)`;
-    * `count`: the scalar the sum is normalized by.
+    * `count`: the scalar the sum is normalized by, or `None` when the
+      numerator is normalized already (then only the replicas are averaged).
 
     `w_i` is `sample_weight` (broadcast from the batch axis), times the Keras
     mask of `y_pred` if it has one. Weights scale the numerator only; the count
@@ -59,6 +61,9 @@ class NormalizedLoss(keras.losses.Loss):
             numerator, count = self.numerator_and_count(y_true, y_pred)
             numerator = ops.cast(numerator, self.dtype)
             total = weighted_sum(numerator, sample_weight, mask)
+            if count is None:  # already normalized: only the replica mean
+                replicas = replicas_in_sync()
+                return total if replicas == 1 else total / float(replicas)
             divisor = ops.cast(self.normalizer(count), self.dtype)
             return ops.divide(total, divisor)
 

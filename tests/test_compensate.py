@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_batchfix import SSDMultiboxLoss, compensate
+from keras_batchfix import GlobalCount, SSDMultiboxLoss, compensate
 from keras_batchfix.compensate import Compensated
 from tests.ssd_data import random_batch
 from tests.training import fit_dense
@@ -142,6 +142,8 @@ def test_bad_arguments():
         compensate("mse")
     with pytest.raises(ValueError, match="`count`"):
         compensate(per_sample, count=3)
+    with pytest.raises(ValueError, match="`normalizer`.*count=None"):
+        compensate(per_sample, normalizer=GlobalCount())
     y_true, y_pred = flagged_batch(np.random.default_rng(6), 2)
     with pytest.raises(ValueError, match=r"`count` must return a scalar.*\(2,\)"):
         compensate(flagged_squared_error, count=lambda t, p: ops.sum(t, (1, 2)))(
@@ -154,8 +156,14 @@ def registered_per_sample(y_true, y_pred):
     return per_sample(y_true, y_pred)
 
 
-def test_model_save_round_trip(tmp_path):
-    model = identity_model(compensate(registered_per_sample), 3)
+@keras.saving.register_keras_serializable(package="tests")
+def registered_count(y_true, y_pred):
+    return flagged_count(y_true, y_pred)
+
+
+@pytest.mark.parametrize("count", [None, registered_count], ids=["self", "count"])
+def test_model_save_round_trip(tmp_path, count):
+    model = identity_model(compensate(registered_per_sample, count=count), 3)
     path = tmp_path / "model.keras"
     model.save(path)
     restored = keras.models.load_model(path)
