@@ -62,8 +62,8 @@ class Compensated(NormalizedLoss):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        for key in ("loss", "count", "normalizer"):
-            config[key] = keras.saving.deserialize_keras_object(config.get(key))
+        for key in ("loss", "count"):  # the normalizer: `normalizers.get`
+            config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
 
 

@@ -196,15 +196,6 @@ class SSDMultiboxLoss(NormalizedLoss):
         )
         return config
 
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        if isinstance(config.get("normalizer"), dict):
-            config["normalizer"] = keras.saving.deserialize_keras_object(
-                config["normalizer"]
-            )
-        return cls(**config)
-
 
 def smooth_l1(difference):
     """Elementwise `0.5 d^2` if `|d| < 1` else `|d| - 0.5`."""
