@@ -120,10 +120,14 @@ class SSDMultiboxLoss(NormalizedLoss):
         box_offsets = y_pred[..., n : n + 4]
 
         if self.from_logits:
-            log_probs = ops.log_softmax(class_scores, axis=-1)
+            # -sum_c t_c (s_c - logsumexp(s)), without materializing the
+            # log-softmax (about 1.5x faster forward + backward on CPU XLA).
+            cross_entropy = ops.sum(class_targets, axis=-1) * log_partition(
+                class_scores
+            ) - ops.sum(class_targets * class_scores, axis=-1)
         else:
             log_probs = ops.log(ops.maximum(class_scores, 1e-15))
-        cross_entropy = -ops.sum(class_targets * log_probs, axis=-1)
+            cross_entropy = -ops.sum(class_targets * log_probs, axis=-1)
         box_loss = ops.sum(smooth_l1(box_offsets - box_targets), axis=-1)
 
         positives = ops.max(class_targets[..., 1:], axis=-1)
@@ -197,6 +201,17 @@ class SSDMultiboxLoss(NormalizedLoss):
         return config
 
 
+def log_partition(scores):
+    """`log(sum(exp(scores), axis=-1))`, stable, with the usual gradient (softmax).
+
+    The max is taken out under `stop_gradient`: the result does not depend on
+    it, and XLA then fuses forward and backward into fewer passes than
+    `ops.logsumexp` (which also guards against infinite maxima).
+    """
+    top = ops.stop_gradient(ops.max(scores, axis=-1, keepdims=True))
+    return ops.log(ops.sum(ops.exp(scores - top), axis=-1)) + ops.squeeze(top, -1)
+
+
 def smooth_l1(difference):
     """Elementwise `0.5 d^2` if `|d| < 1` else `|d| - 0.5`."""
     absolute = ops.abs(difference)
@@ -214,26 +229,44 @@ def top_k_mask(scores, k):
     No sort: the k-th largest value is found exactly by bisection on the
     float32 bit patterns (ordered like the values for non-negative floats),
     31 passes of compare-and-count with static shapes. On CPU that is about
-    10x faster than sorting a batch of SSD300 anchors.
+    10x faster than sorting a batch of SSD300 anchors. The mask is then
+    `scores >= kth_largest`, unless some row has more entries equal to its
+    k-th largest than it may take: only then (an `ops.cond`) is the costlier
+    first-come tie-break computed, a cumulative sum over the row.
     """
     scores = ops.convert_to_tensor(scores, dtype="float32")
     k = ops.convert_to_tensor(k, dtype="int32")
-    kth_largest = ops.expand_dims(_kth_largest(scores, ops.maximum(k, 1)), -1)
-    k = ops.expand_dims(k, axis=-1)
-    above = scores > kth_largest
-    tied = scores == kth_largest
-    n_above = ops.sum(ops.cast(above, "int32"), axis=-1, keepdims=True)
-    tie_rank = ops.cumsum(ops.cast(tied, "int32"), axis=-1)
-    selected = ops.logical_or(above, ops.logical_and(tied, tie_rank <= k - n_above))
-    return ops.logical_and(selected, k > 0)
+    kth_largest, at_least_kth = _kth_largest(scores, ops.maximum(k, 1))
+    kth_largest = ops.expand_dims(kth_largest, -1)
+    wanted = ops.expand_dims(k, axis=-1)
+    no_excess_ties = ops.all(ops.logical_or(at_least_kth == k, k == 0))
+
+    def all_at_least_kth():
+        return scores >= kth_largest
+
+    def first_ties_only():
+        above = scores > kth_largest
+        tied = scores == kth_largest
+        n_above = ops.sum(ops.cast(above, "int32"), axis=-1, keepdims=True)
+        tie_rank = ops.cumsum(ops.cast(tied, "int32"), axis=-1)
+        return ops.logical_or(
+            above, ops.logical_and(tied, tie_rank <= wanted - n_above)
+        )
+
+    selected = ops.cond(no_excess_ties, all_at_least_kth, first_ties_only)
+    return ops.logical_and(selected, wanted > 0)
 
 
 def _kth_largest(scores, k):
-    """The `k[r]`-th largest non-negative value of each row, exactly."""
+    """The `k[r]`-th largest non-negative value of each row, exactly.
+
+    Returns it and the number of entries of the row that are `>=` it.
+    """
     bits = _bitcast(scores, "int32")  # negative scores give negative ints
     # Invariant: count(bits >= low) >= k and count(bits >= high) < k.
     low = ops.zeros(ops.shape(k), dtype="int32")
     high = ops.full(ops.shape(k), 0x7F800001, dtype="int32")  # above +inf
+    at_least_low = ops.sum(ops.cast(bits >= 0, "int32"), axis=-1)
     for _ in range(31):  # high - low < 2**31 halves to 1
         middle = low + (high - low) // 2
         counts = ops.sum(
@@ -242,7 +275,8 @@ def _kth_largest(scores, k):
         enough = counts >= k
         low = ops.where(enough, middle, low)
         high = ops.where(enough, high, middle)
-    return _bitcast(low, "float32")
+        at_least_low = ops.where(enough, counts, at_least_low)
+    return _bitcast(low, "float32"), at_least_low
 
 
 def _bitcast(x, dtype):

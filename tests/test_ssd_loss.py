@@ -165,11 +165,14 @@ def test_top_k_mask_selects_exactly_k_even_with_ties():
         assert (row[~row_mask] <= kth).all()
 
 
-def test_top_k_mask_matches_a_stable_sort_on_random_rows():
+@pytest.mark.parametrize("distinct", [False, True])
+def test_top_k_mask_matches_a_stable_sort_on_random_rows(distinct):
     rng = np.random.default_rng(9)
-    # Few distinct values (many ties), zeros, tiny and huge values, negatives.
-    pool = np.array([0.0, 1e-30, 1e-7, 0.5, 0.5, 2.0, 3e4, 1e30], "float32")
-    scores = rng.choice(pool, size=(20, 300))
+    if distinct:  # no ties at the k-th value: the plain threshold
+        scores = rng.exponential(size=(20, 300)).astype("float32")
+    else:  # few distinct values (many ties), zeros, tiny and huge values
+        pool = np.array([0.0, 1e-30, 1e-7, 0.5, 0.5, 2.0, 3e4, 1e30], "float32")
+        scores = rng.choice(pool, size=(20, 300))
     scores[rng.random(scores.shape) < 0.2] = -1.0  # never selected
     k = np.array([rng.integers(0, (row >= 0).sum() + 1) for row in scores], "int32")
     mask = keras.ops.convert_to_numpy(top_k_mask(scores, k))
