@@ -280,8 +280,10 @@ class SpikeMonitor(keras.callbacks.Callback):
         if self._backend == "tensorflow":
             import tensorflow as tf
 
-            if tf.distribute.has_strategy():
-                self._mode = "state"
+            # `fit` calls callbacks outside the model's strategy scope.
+            with model.distribute_strategy.scope():
+                if tf.distribute.has_strategy():
+                    self._mode = "state"
         if self._mode == "jaxbuffer" and _innermost(model.optimizer) is not model.optimizer:
             self._mode = "state"  # LossScaleOptimizer: apply runs in a cond
         self._rows = []  # finished steps, dicts
@@ -621,7 +623,7 @@ class SpikeMonitor(keras.callbacks.Callback):
                     float("nan") if index is None or kind not in state else state[kind][index]
                 )
             else:
-                values.append(var.value)
+                values.append(ops.convert_to_tensor(var))
         return values
 
     def _snapshot(self):

@@ -276,3 +276,58 @@ def test_long_epochs_wrap_the_step_buffer():
     expected = np.mean(((x @ w + b - y) ** 2).reshape(300, 2), axis=1)
     np.testing.assert_allclose(monitor.steps["loss"], expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(monitor.steps["batch"], np.arange(300))
+
+
+def lr_zero_fit(monitor, batch_size, strategy=None, **compile_kwargs):
+    """Fits a frozen (LR 0) linear model; returns the per-batch MSE it had."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(100, 3)).astype("float32")
+    y = rng.normal(size=(100, 2)).astype("float32")
+    keras.utils.set_random_seed(4)
+    with strategy.scope() if strategy else keras.name_scope("frozen"):
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", **compile_kwargs)
+    model.fit(
+        x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0,
+        callbacks=[monitor],
+    )
+    w, b = model.get_weights()
+    per_sample = np.mean((x @ w + b - y) ** 2, axis=1)
+    return [per_sample[i : i + batch_size] for i in range(0, 100, batch_size)]
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="Keras's torch trainer has no steps_per_execution",
+)
+@pytest.mark.parametrize("steps_per_execution", [3, 4])  # 7 batches: 3+3+1, 4+3
+def test_steps_per_execution(recording_mode, steps_per_execution):
+    # Native recording sees every batch inside an execution; the fallback
+    # reads the tracker between executions, so its "step" is one execution
+    # of `steps_per_execution` batches (their mean loss and total size).
+    monitor = keras_batchfix.SpikeMonitor(verbose=0)
+    batches = lr_zero_fit(monitor, 16, steps_per_execution=steps_per_execution)
+    if recording_mode == "native":
+        groups = [[batch] for batch in batches]
+    else:
+        groups = [
+            batches[i : i + steps_per_execution]
+            for i in range(0, len(batches), steps_per_execution)
+        ]
+    expected = [np.mean(np.concatenate(group)) for group in groups]
+    sizes = [sum(len(batch) for batch in group) for group in groups]
+    np.testing.assert_allclose(monitor.steps["loss"], expected * 2, rtol=1e-5)
+    np.testing.assert_array_equal(monitor.steps["batch_size"], sizes * 2)
+
+
+def test_fallback_under_tf_distribute(mirrored_strategy):
+    # Under tf.distribute the monitor reads the loss tracker between steps.
+    # 100 samples in batches of 16: the short last batch (4) splits 2 + 2.
+    monitor = keras_batchfix.SpikeMonitor(verbose=0)
+    batches = lr_zero_fit(monitor, 16, strategy=mirrored_strategy)
+    assert monitor._mode == "state"
+    expected = [np.mean(batch) for batch in batches]
+    np.testing.assert_allclose(monitor.steps["loss"], expected * 2, rtol=1e-5)
+    np.testing.assert_array_equal(
+        monitor.steps["batch_size"], [len(batch) for batch in batches] * 2
+    )
