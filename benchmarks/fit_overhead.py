@@ -11,6 +11,9 @@ by the baseline's step time measured right before it (pairs measured close
 in time cancel most of the drift of a shared machine). "min ratio" divides
 the fastest epoch of a configuration by the fastest baseline epoch: on a busy
 machine, where other work only ever adds time, it is the steadier estimate.
+"cpu ratio" is the median of paired ratios of the process's CPU time per
+epoch (all threads): other processes' load inflates it far less than wall
+time, so it is the estimate to read on a shared machine.
 
     python benchmarks/fit_overhead.py            # all three backends
     python benchmarks/fit_overhead.py --backends jax --repeats 9
@@ -41,16 +44,18 @@ def worker(args):
     import keras_batchfix
 
     class EpochTimer(keras.callbacks.Callback):
-        """Wall time of each epoch (epoch hooks only: no per-step cost)."""
+        """Wall and CPU time of each epoch (epoch hooks only: no per-step cost)."""
 
         def on_train_begin(self, logs=None):
-            self.times = []
+            self.times, self.cpu_times = [], []
 
         def on_epoch_begin(self, epoch, logs=None):
             self.start = time.perf_counter()
+            self.cpu_start = time.process_time()
 
         def on_epoch_end(self, epoch, logs=None):
             self.times.append(time.perf_counter() - self.start)
+            self.cpu_times.append(time.process_time() - self.cpu_start)
 
     def make_model(name):
         model = keras.Sequential(
@@ -82,6 +87,7 @@ def worker(args):
     steps = -(-args.samples // args.batch_size)
     models = {name: make_model(name) for name in CONFIGS}
     step_times = {name: [] for name in CONFIGS}
+    cpu_times = {name: [] for name in CONFIGS}
     for _ in range(args.repeats):
         for name in CONFIGS:
             timer = EpochTimer()
@@ -90,7 +96,9 @@ def worker(args):
                 callbacks=[timer, *callbacks(name)],
             )
             step_times[name].append(timer.times[1] / steps)
+            cpu_times[name].append(timer.cpu_times[1] / steps)
     base = step_times["baseline"]
+    cpu_base = cpu_times["baseline"]
     emit(
         {
             name: {
@@ -99,6 +107,9 @@ def worker(args):
                     t / b for t, b in zip(step_times[name], base)
                 ),
                 "min_ratio": min(step_times[name]) / min(base),
+                "cpu_ratio": statistics.median(
+                    t / b for t, b in zip(cpu_times[name], cpu_base)
+                ),
             }
             for name in CONFIGS
         }
@@ -134,7 +145,7 @@ def main():
     )
     print(
         f"{'backend':11s} {'configuration':34s} {'step (us)':>10s} {'ratio':>7s}"
-        f" {'min ratio':>9s}"
+        f" {'min ratio':>9s} {'cpu ratio':>9s}"
     )
     for backend in args.backends.split(","):
         results = run_worker(os.path.abspath(__file__), backend, forwarded)
@@ -142,7 +153,7 @@ def main():
             row = results[name]
             print(
                 f"{backend:11s} {name:34s} {row['step_us']:10.1f} {row['ratio']:7.3f}"
-                f" {row['min_ratio']:9.3f}"
+                f" {row['min_ratio']:9.3f} {row['cpu_ratio']:9.3f}"
             )
 
 

@@ -24,6 +24,37 @@ def median_seconds(step, repeats, warmup=2):
     return statistics.median(times)
 
 
+def peak_step_bytes(step, repeats=3):
+    """Largest rise of the resident set during `step()` above its level before.
+
+    Linux only: the kernel's high-water mark is reset before each call
+    (`/proc/self/clear_refs`), and `run_worker` fixes glibc's mmap threshold
+    so that every large buffer is mapped on allocation and unmapped when
+    freed (the resident set then follows the live buffers, whichever
+    framework allocates them). Call after a warm-up. NaN where unsupported.
+    """
+    peak = float("nan")
+    for _ in range(repeats):
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+            before = _status_kib("VmRSS")
+            step()
+            rise = (_status_kib("VmHWM") - before) * 1024.0
+        except OSError:
+            return float("nan")
+        peak = rise if peak != peak else max(peak, rise)
+    return peak
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
 def emit(results):
     """Prints a worker's results for `run_worker` to read."""
     print("RESULT " + json.dumps(results), flush=True)
@@ -35,7 +66,9 @@ def run_worker(script, backend, arguments):
     `backend` is a Keras backend name, or "reference" for the PyTorch
     reference (no Keras backend is set then).
     """
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    # A fixed mmap threshold: large buffers go back to the system when freed
+    # (for `peak_step_bytes`), the same rule for every framework.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", MALLOC_MMAP_THRESHOLD_="65536")
     if backend != "reference":
         env["KERAS_BACKEND"] = backend
     command = [sys.executable, script, "--worker", backend, *arguments]

@@ -1,4 +1,4 @@
-"""Forward + backward time of `SSDMultiboxLoss` on every backend, as ratios.
+"""Forward + backward time and peak memory of `SSDMultiboxLoss`, as ratios.
 
 Baselines measured in the same run:
 
@@ -7,6 +7,11 @@ Baselines measured in the same run:
 * `floor`: softmax cross-entropy plus smooth L1 over all anchors, no mining,
   written in `keras.ops` and timed the same way on the same backend: what
   any SSD loss costs before mining.
+
+Peak memory is the largest rise of the process's resident set during one
+step above its level before the step (`harness.peak_step_bytes`): the
+buffers the step allocates, the returned gradient included, measured the
+same way for every framework.
 
 Each backend runs in its own process (Keras picks its backend at import).
 
@@ -17,7 +22,13 @@ Each backend runs in its own process (Keras picks its backend at import).
 import argparse
 import os
 
-from harness import emit, median_seconds, run_worker, value_and_grad_steps
+from harness import (
+    emit,
+    median_seconds,
+    peak_step_bytes,
+    run_worker,
+    value_and_grad_steps,
+)
 
 NUM_CLASSES = 21
 
@@ -90,10 +101,12 @@ def worker(args):
             steps = keras_steps(y_true, y_pred)
         for mode, named in steps.items():
             for name, step in named.items():
-                seconds = median_seconds(step, args.repeats)
                 results.setdefault(f"{batch_size}", {}).setdefault(mode, {})[
                     name
-                ] = seconds
+                ] = {
+                    "seconds": median_seconds(step, args.repeats),
+                    "peak_bytes": peak_step_bytes(step),
+                }
     emit(results)
 
 
@@ -118,27 +131,28 @@ def main():
     script = os.path.abspath(__file__)
     reference = run_worker(script, "reference", arguments)
     measured = {b: run_worker(script, b, arguments) for b in args.backends}
-    header = (
-        f"{'B':>4} {'backend/mode':<13} {'mining':<10} {'median ms':>10} "
-        f"{'/ torch ref':>11} {'/ floor':>8}"
-    )
     print(f"SSDMultiboxLoss forward+backward, {args.anchors} anchors, "
-          f"{NUM_CLASSES} classes, median of {args.repeats}")
-    print(header)
+          f"{NUM_CLASSES} classes, median of {args.repeats}; peak = largest "
+          "resident-set rise during a step")
+    print(f"{'B':>4} {'backend/mode':<13} {'mining':<10} {'median ms':>10} "
+          f"{'/ torch ref':>11} {'/ floor':>8} {'peak MiB':>9} {'/ torch ref':>11}")
     for batch_size in map(str, args.batch_sizes):
         ref = reference[batch_size]["torch reference"]
-        for mining in ("batch", "per_image"):
-            print(f"{batch_size:>4} {'torch ref':<13} {mining:<10} "
-                  f"{ref[mining] * 1e3:>10.1f} {1.0:>11.2f} {'':>8}")
+        rows = [("torch ref", mining, ref[mining], None) for mining in ref]
         for backend_results in measured.values():
             for mode, named in backend_results[batch_size].items():
-                for mining in ("batch", "per_image"):
-                    seconds = named[mining]
-                    print(
-                        f"{batch_size:>4} {mode:<13} {mining:<10} "
-                        f"{seconds * 1e3:>10.1f} {seconds / ref[mining]:>11.2f} "
-                        f"{seconds / named['floor']:>8.2f}"
-                    )
+                rows += [
+                    (mode, mining, named[mining], named["floor"])
+                    for mining in ("batch", "per_image")
+                ]
+        for mode, mining, result, floor in rows:
+            seconds, peak = result["seconds"], result["peak_bytes"]
+            versus_floor = "" if floor is None else f"{seconds / floor['seconds']:.2f}"
+            print(
+                f"{batch_size:>4} {mode:<13} {mining:<10} {seconds * 1e3:>10.1f} "
+                f"{seconds / ref[mining]['seconds']:>11.2f} {versus_floor:>8} "
+                f"{peak / 2**20:>9.1f} {peak / ref[mining]['peak_bytes']:>11.2f}"
+            )
 
 
 if __name__ == "__main__":
