@@ -148,9 +148,9 @@ class SSDMultiboxLoss(NormalizedLoss):
         scores = ops.where(
             is_negative, ops.maximum(ops.stop_gradient(cross_entropy), 0.0), -1.0
         )
-        if self.mining == "batch":
+        if self.mining == "batch":  # one row: the whole batch
             axis = None
-            rows = ops.reshape(scores, (1, -1))
+            rows = ops.expand_dims(scores, 0)
         else:
             axis = -1
             rows = scores
@@ -221,10 +221,11 @@ def smooth_l1(difference):
 def top_k_mask(scores, k):
     """Boolean mask of the `k[r]` largest entries of each row of `scores`.
 
-    `scores` has shape `(rows, n)`: candidates are `>= 0`, entries that must
-    never be selected are negative. `k` has shape `(rows,)` and must not
-    exceed a row's number of candidates. Exactly `k[r]` entries are selected
-    in row `r`; among equal scores the first ones win.
+    `scores` has shape `(rows, ...)`: a row is everything after the first
+    axis (in row-major order). Candidates are `>= 0`, entries that must never
+    be selected are negative. `k` has shape `(rows,)` and must not exceed a
+    row's number of candidates. Exactly `k[r]` entries are selected in row
+    `r`; among equal scores the first ones win.
 
     No sort: the k-th largest value is found exactly by bisection on the
     float32 bit patterns (ordered like the values for non-negative floats),
@@ -232,13 +233,15 @@ def top_k_mask(scores, k):
     10x faster than sorting a batch of SSD300 anchors. The mask is then
     `scores >= kth_largest`, unless some row has more entries equal to its
     k-th largest than it may take: only then (an `ops.cond`) is the costlier
-    first-come tie-break computed, a cumulative sum over the row.
+    first-come tie-break computed, a cumulative sum over the row. A row kept
+    multi-dimensional (a whole batch of anchors) is counted with one
+    reduction over its axes, which XLA runs faster than over a flattened row.
     """
     scores = ops.convert_to_tensor(scores, dtype="float32")
     k = ops.convert_to_tensor(k, dtype="int32")
     kth_largest, at_least_kth = _kth_largest(scores, ops.maximum(k, 1))
-    kth_largest = ops.expand_dims(kth_largest, -1)
-    wanted = ops.expand_dims(k, axis=-1)
+    kth_largest = _per_row(kth_largest, scores)
+    wanted = _per_row(k, scores)
     no_excess_ties = ops.all(ops.logical_or(at_least_kth == k, k == 0))
 
     def all_at_least_kth():
@@ -246,15 +249,28 @@ def top_k_mask(scores, k):
 
     def first_ties_only():
         above = scores > kth_largest
-        tied = scores == kth_largest
-        n_above = ops.sum(ops.cast(above, "int32"), axis=-1, keepdims=True)
-        tie_rank = ops.cumsum(ops.cast(tied, "int32"), axis=-1)
+        tied = ops.reshape(scores == kth_largest, (ops.shape(scores)[0], -1))
+        tie_rank = ops.reshape(
+            ops.cumsum(ops.cast(tied, "int32"), axis=-1), ops.shape(scores)
+        )
+        n_above = _per_row(_count(above), scores)
         return ops.logical_or(
-            above, ops.logical_and(tied, tie_rank <= wanted - n_above)
+            above,
+            ops.logical_and(scores == kth_largest, tie_rank <= wanted - n_above),
         )
 
     selected = ops.cond(no_excess_ties, all_at_least_kth, first_ties_only)
     return ops.logical_and(selected, wanted > 0)
+
+
+def _count(mask):
+    """Number of true entries of each row (all axes but the first)."""
+    return ops.sum(ops.cast(mask, "int32"), axis=tuple(range(1, len(mask.shape))))
+
+
+def _per_row(values, like):
+    """`values` of shape `(rows,)` reshaped to broadcast against `like`."""
+    return ops.reshape(values, (-1,) + (1,) * (len(like.shape) - 1))
 
 
 def _kth_largest(scores, k):
@@ -266,12 +282,10 @@ def _kth_largest(scores, k):
     # Invariant: count(bits >= low) >= k and count(bits >= high) < k.
     low = ops.zeros(ops.shape(k), dtype="int32")
     high = ops.full(ops.shape(k), 0x7F800001, dtype="int32")  # above +inf
-    at_least_low = ops.sum(ops.cast(bits >= 0, "int32"), axis=-1)
+    at_least_low = _count(bits >= 0)
     for _ in range(31):  # high - low < 2**31 halves to 1
         middle = low + (high - low) // 2
-        counts = ops.sum(
-            ops.cast(bits >= ops.expand_dims(middle, -1), "int32"), axis=-1
-        )
+        counts = _count(bits >= _per_row(middle, bits))
         enough = counts >= k
         low = ops.where(enough, middle, low)
         high = ops.where(enough, high, middle)

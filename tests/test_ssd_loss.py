@@ -165,8 +165,9 @@ def test_top_k_mask_selects_exactly_k_even_with_ties():
         assert (row[~row_mask] <= kth).all()
 
 
+@pytest.mark.parametrize("row_shape", [(300,), (10, 30)])  # flat or a batch
 @pytest.mark.parametrize("distinct", [False, True])
-def test_top_k_mask_matches_a_stable_sort_on_random_rows(distinct):
+def test_top_k_mask_matches_a_stable_sort_on_random_rows(distinct, row_shape):
     rng = np.random.default_rng(9)
     if distinct:  # no ties at the k-th value: the plain threshold
         scores = rng.exponential(size=(20, 300)).astype("float32")
@@ -175,7 +176,8 @@ def test_top_k_mask_matches_a_stable_sort_on_random_rows(distinct):
         scores = rng.choice(pool, size=(20, 300))
     scores[rng.random(scores.shape) < 0.2] = -1.0  # never selected
     k = np.array([rng.integers(0, (row >= 0).sum() + 1) for row in scores], "int32")
-    mask = keras.ops.convert_to_numpy(top_k_mask(scores, k))
+    rows = scores.reshape((len(scores),) + row_shape)
+    mask = keras.ops.convert_to_numpy(top_k_mask(rows, k)).reshape(scores.shape)
     for row, kr, row_mask in zip(scores, k, mask):
         want = np.zeros_like(row_mask)
         want[np.argsort(-row, kind="stable")[:kr]] = True  # first among ties
