@@ -100,8 +100,9 @@ class EMACount(keras.metrics.Metric):
     `global count` and `gradient_averaging` are those of `GlobalCount`. The
     loss of a step is divided by the EMA after its update. Use it when the
     count has a large variance from step to step (tiny per-device batches,
-    images with few objects): a batch with 1 positive is then not weighted
-    like one with 100. With `momentum=0` it is `GlobalCount`.
+    images with few objects): a batch with few positives is then not
+    weighted far more per positive than one with many. With `momentum=0` it
+    is `GlobalCount`.
 
     The EMA moves only in `fit`'s training steps; `evaluate`, validation and
     a `compute_loss(..., training=False)` divide by the current EMA without
@@ -128,8 +129,9 @@ class EMACount(keras.metrics.Metric):
         initial_value: EMA before the first training step, a float > 0, or
             None (default) to start at the first training batch's
             `max(1, global count)`, which needs no tuning. detectron2 uses
-            100, its typical count on COCO; a value far from your typical
-            count scales the first ~`1 / (1 - momentum)` steps by their ratio.
+            100; a value far from your typical count scales the loss of the
+            first steps (about `1 / (1 - momentum)` of them) by roughly their
+            ratio.
         name: name of the normalizer (and of its variable's scope).
 
     Example:
