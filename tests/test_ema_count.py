@@ -242,7 +242,8 @@ class Subclassed(keras.Model):
 
 def test_attaches_to_built_subclassed_and_sequential_models():
     x, y, _, _ = ssd_problem(8, 16)
-    for model in (Subclassed(), keras.Sequential([keras.layers.Dense(NUM_CLASSES + 4)])):
+    sequential = keras.Sequential([keras.layers.Dense(NUM_CLASSES + 4)])
+    for model in (Subclassed(), sequential):
         model(x[:1])  # built: a subclassed model's state is locked now
         normalizer = EMACount(momentum=0.5)
         model.compile("sgd", loss=ssd_loss(normalizer))
