@@ -6,8 +6,10 @@ from keras_batchfix.center_loss import CenterLoss
 from keras_batchfix.compensate import compensate
 from keras_batchfix.diagnose import diagnose
 from keras_batchfix.normalized_loss import NormalizedLoss
+from keras_batchfix.normalizers import EMACount
 from keras_batchfix.normalizers import GlobalCount
 from keras_batchfix.normalizers import LocalCount
+from keras_batchfix.normalizers import attach_normalizers
 from keras_batchfix.spike_monitor import SpikeMonitor
 from keras_batchfix.ssd_loss import SSDMultiboxLoss
 

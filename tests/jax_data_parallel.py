@@ -14,16 +14,25 @@ import json  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_batchfix import GlobalCount, LocalCount, SSDMultiboxLoss  # noqa: E402
+from keras_batchfix import (  # noqa: E402
+    EMACount,
+    GlobalCount,
+    LocalCount,
+    SSDMultiboxLoss,
+)
 from tests.test_normalizers import NUM_CLASSES, ssd_problem  # noqa: E402
 from tests.training import fit_dense  # noqa: E402
 
+# Factories: an EMACount's state must start afresh in every run.
 LOSSES = {
-    "batch mining, LocalCount": SSDMultiboxLoss(
+    "batch mining, LocalCount": lambda: SSDMultiboxLoss(
         NUM_CLASSES, from_logits=True, normalizer=LocalCount()
     ),
-    "per-image mining, GlobalCount": SSDMultiboxLoss(
+    "per-image mining, GlobalCount": lambda: SSDMultiboxLoss(
         NUM_CLASSES, from_logits=True, mining="per_image", normalizer=GlobalCount()
+    ),
+    "per-image mining, EMACount": lambda: SSDMultiboxLoss(
+        NUM_CLASSES, from_logits=True, mining="per_image", normalizer=EMACount()
     ),
 }
 
@@ -33,7 +42,7 @@ def main():
     # (JAX raises IndivisibleError on a last batch of odd size).
     x, y, kernel, bias = ssd_problem(1, 32)
     single = {
-        name: fit_dense(loss, x, y, kernel, bias, batch_size=8, epochs=2)
+        name: fit_dense(loss(), x, y, kernel, bias, batch_size=8, epochs=2)
         for name, loss in LOSSES.items()
     }
     devices = keras.distribution.list_devices("cpu")
@@ -41,7 +50,7 @@ def main():
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
     gaps = {}
     for name, loss in LOSSES.items():
-        parallel = fit_dense(loss, x, y, kernel, bias, batch_size=8, epochs=2)
+        parallel = fit_dense(loss(), x, y, kernel, bias, batch_size=8, epochs=2)
         gaps[name] = {
             "max_abs_gap": max(
                 float(np.abs(a - b).max()) for a, b in zip(parallel, single[name])
