@@ -1,7 +1,8 @@
 """`CenterLoss` under `tf.distribute.MirroredStrategy` (2 logical CPUs).
 
 TensorFlow backend only (tests/conftest.py creates the logical devices and
-the shared strategy).
+the shared strategy; tests/multi_worker.py trains the same problems under
+`MultiWorkerMirroredStrategy`).
 The reference is single-device training on the same global batches, written
 in NumPy.
 """
@@ -22,6 +23,15 @@ from tests.test_center_loss import (  # noqa: E402
 )
 
 K, D, IN = 4, 3, 5
+HYPERPARAMETERS = dict(batch_size=8, lr=0.5, lam=0.7, alpha=0.5)
+
+
+def center_loss_problem(n):
+    """Inputs, labels, start kernel and start centers for `n` samples."""
+    rng = np.random.default_rng(10 + n)
+    x = rng.normal(size=(n, IN)).astype("float32")
+    y = rng.integers(0, K, size=n).astype("int32")
+    return x, y, rng.normal(size=(IN, D)), rng.normal(size=(K, D))
 
 
 def single_device_reference(x, y, w, c, batch_size, lr, lam, alpha):
@@ -37,7 +47,8 @@ def single_device_reference(x, y, w, c, batch_size, lr, lam, alpha):
     return w, c, np.average(losses, weights=sizes)
 
 
-def fit_mirrored(strategy, x, y, w, c, batch_size, lr, lam, alpha):
+def fit_center_loss(strategy, x, y, w, c, batch_size, lr, lam, alpha):
+    """Features `x @ W` into `CenterLoss`, trained one epoch under `strategy`."""
     with strategy.scope():
         inputs = keras.Input((IN,))
         labels = keras.Input((), dtype="int32")
@@ -62,19 +73,12 @@ def replica_values(variable):
 
 @pytest.mark.parametrize("n", [16, 15])  # 15: last global batch of 7 splits 4 / 3
 def test_mirrored_equals_single_device(n, mirrored_strategy):
-    rng = np.random.default_rng(10 + n)
-    batch_size, lr, lam, alpha = 8, 0.5, 0.7, 0.5
-    x = rng.normal(size=(n, IN)).astype("float32")
-    y = rng.integers(0, K, size=n).astype("int32")
-    w = rng.normal(size=(IN, D))
-    c = rng.normal(size=(K, D))
-
-    dense, layer, history = fit_mirrored(
-        mirrored_strategy, x, y, w, c, batch_size, lr, lam, alpha
+    x, y, w, c = center_loss_problem(n)
+    dense, layer, history = fit_center_loss(
+        mirrored_strategy, x, y, w, c, **HYPERPARAMETERS
     )
-    w_ref, c_ref, loss_ref = single_device_reference(
-        x, y, w, c, batch_size, lr, lam, alpha
-    )
+    w_ref, c_ref, loss_ref = single_device_reference(x, y, w, c, **HYPERPARAMETERS)
+    lam = HYPERPARAMETERS["lam"]
 
     centers = replica_values(layer.centers)
     assert len(centers) == 2
