@@ -1,0 +1,122 @@
+"""`MultiWorkerMirroredStrategy` with 2 worker processes on 127.0.0.1.
+
+TensorFlow backend only. The test starts both workers (tests/multi_worker.py)
+on free loopback ports, and kills whatever still runs when it ends. With
+`keras_batchfix.multi_worker.MultiWorkerMirroredStrategy` (TensorFlow's
+strategy with a `reduce` that takes what Keras 3.15 passes), the weights
+after 2 epochs equal single-device training on the same global batches:
+`fit_dense` without a strategy, and the NumPy reference of
+tests/test_center_loss_distributed.py for `CenterLoss`.
+"""
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+if keras.backend.backend() != "tensorflow":
+    pytest.skip("tf.distribute needs the TensorFlow backend", allow_module_level=True)
+
+from tests.multi_worker import (  # noqa: E402
+    CENTER_LOSS_SIZES,
+    dense_cases,
+    train_dense_cases,
+)
+from tests.test_center_loss_distributed import (  # noqa: E402
+    HYPERPARAMETERS,
+    center_loss_problem,
+    single_device_reference,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKERS = 2
+TIMEOUT_S = 240
+
+
+def free_loopback_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@contextlib.contextmanager
+def running_workers(log_dir):
+    """Starts the workers; yields `[(process, log path)]`; always stops them."""
+    cluster = {
+        "worker": [f"127.0.0.1:{port}" for port in free_loopback_ports(WORKERS)]
+    }
+    workers = []
+    try:
+        for index in range(WORKERS):
+            tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            env = dict(
+                os.environ,
+                KERAS_BACKEND="tensorflow",
+                PYTHONPATH=ROOT,
+                TF_CONFIG=json.dumps(tf_config),
+            )
+            log_path = log_dir / f"worker{index}.log"
+            with open(log_path, "w") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "tests.multi_worker"],
+                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                )
+            workers.append((process, log_path))
+        yield workers
+    finally:
+        for process, _ in workers:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+def worker_result(process, log_path, deadline):
+    """The weights a worker printed, as name -> list of arrays."""
+    try:
+        process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"worker timed out:\n{log_path.read_text()[-3000:]}")
+    lines = [
+        line for line in log_path.read_text().splitlines()
+        if line.startswith("RESULT ")
+    ]
+    assert process.returncode == 0 and lines, log_path.read_text()[-3000:]
+    weights = json.loads(lines[0][len("RESULT "):])
+    return {name: [np.asarray(w) for w in ws] for name, ws in weights.items()}
+
+
+def test_multi_worker_equals_one_device(tmp_path):
+    deadline = time.monotonic() + TIMEOUT_S
+    with running_workers(tmp_path) as workers:
+        # Single-device references, computed while the workers train.
+        cases = dense_cases()
+        expected = train_dense_cases(cases, strategy=None)
+        start_kernels = {name: problem[2] for name, (_, problem) in cases.items()}
+        for n in CENTER_LOSS_SIZES:
+            x, y, w, c = center_loss_problem(n)
+            w_ref, c_ref, _ = single_device_reference(x, y, w, c, **HYPERPARAMETERS)
+            expected[f"center loss, {n} samples"] = [w_ref, c_ref]
+            start_kernels[f"center loss, {n} samples"] = w
+        results = [worker_result(*worker, deadline) for worker in workers]
+
+    first, second = results
+    assert set(first) == set(expected), sorted(first)
+    for name, want in expected.items():
+        assert np.abs(want[0] - start_kernels[name]).max() > 1e-2, name  # it trained
+        for got, other, want_value in zip(first[name], second[name], want):
+            np.testing.assert_array_equal(got, other, err_msg=name)  # workers agree
+            np.testing.assert_allclose(
+                got, want_value, rtol=1e-5, atol=1e-6, err_msg=name
+            )
