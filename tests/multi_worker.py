@@ -13,20 +13,17 @@ import numpy as np
 from keras import ops
 
 from keras_batchfix import GlobalCount, SSDMultiboxLoss
-from tests.test_center_loss_distributed import (
-    HYPERPARAMETERS,
-    center_loss_problem,
-    fit_center_loss,
-)
+from keras_batchfix.multi_worker import MultiWorkerMirroredStrategy
+from tests.test_center_loss import CENTER_LOSS_HYPERPARAMETERS, center_loss_problem
 from tests.test_compensate import (
     GLOBAL_COUNT_LOSSES,
     SELF_NORMALIZED_LOSSES,
     regression_problem,
 )
 from tests.test_normalizers import NUM_CLASSES, ssd_problem
-from tests.training import fit_dense
+from tests.training import fit_center_loss, fit_dense_cases
 
-# 37 samples in batches of 8: the last batch of 5 splits 3 / 2.
+# Samples, in batches of 8: of 37, the last batch of 5 splits 3 / 2.
 UNEVEN, EVEN = 37, 32
 CENTER_LOSS_SIZES = (15, 16)  # 15: the last batch of 7 splits 4 / 3
 
@@ -53,25 +50,13 @@ def dense_cases():
     return cases
 
 
-def train_dense_cases(cases, strategy):
-    """name -> final [kernel, bias], 2 epochs in batches of 8."""
-    return {
-        name: fit_dense(loss, *problem, batch_size=8, epochs=2, strategy=strategy)
-        for name, (loss, problem) in cases.items()
-    }
-
-
 def main():
-    # Imported here: creating the strategy must come before any other
-    # TensorFlow work of this process, and test_multi_worker imports this module.
-    from keras_batchfix.multi_worker import MultiWorkerMirroredStrategy
-
-    strategy = MultiWorkerMirroredStrategy()
+    strategy = MultiWorkerMirroredStrategy()  # before any other TensorFlow work
     assert strategy.num_replicas_in_sync == 2, strategy.num_replicas_in_sync
-    weights = train_dense_cases(dense_cases(), strategy)
+    weights = fit_dense_cases(dense_cases(), strategy)
     for n in CENTER_LOSS_SIZES:
         dense, layer, _ = fit_center_loss(
-            strategy, *center_loss_problem(n), **HYPERPARAMETERS
+            *center_loss_problem(n), **CENTER_LOSS_HYPERPARAMETERS, strategy=strategy
         )
         weights[f"center loss, {n} samples"] = [
             ops.convert_to_numpy(dense.kernel), ops.convert_to_numpy(layer.centers)

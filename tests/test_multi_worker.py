@@ -5,8 +5,8 @@ on free loopback ports, and kills whatever still runs when it ends. With
 `keras_batchfix.multi_worker.MultiWorkerMirroredStrategy` (TensorFlow's
 strategy with a `reduce` that takes what Keras 3.15 passes), the weights
 after 2 epochs equal single-device training on the same global batches:
-`fit_dense` without a strategy, and the NumPy reference of
-tests/test_center_loss_distributed.py for `CenterLoss`.
+`fit_dense` without a strategy, and for `CenterLoss` the NumPy reference
+`numpy_center_loss_training`.
 """
 
 import contextlib
@@ -24,16 +24,13 @@ import pytest
 if keras.backend.backend() != "tensorflow":
     pytest.skip("tf.distribute needs the TensorFlow backend", allow_module_level=True)
 
-from tests.multi_worker import (  # noqa: E402
-    CENTER_LOSS_SIZES,
-    dense_cases,
-    train_dense_cases,
-)
-from tests.test_center_loss_distributed import (  # noqa: E402
-    HYPERPARAMETERS,
+from tests.multi_worker import CENTER_LOSS_SIZES, dense_cases  # noqa: E402
+from tests.test_center_loss import (  # noqa: E402
+    CENTER_LOSS_HYPERPARAMETERS,
     center_loss_problem,
-    single_device_reference,
+    numpy_center_loss_training,
 )
+from tests.training import fit_dense_cases  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = 2
@@ -102,11 +99,13 @@ def test_multi_worker_equals_one_device(tmp_path):
     with running_workers(tmp_path) as workers:
         # Single-device references, computed while the workers train.
         cases = dense_cases()
-        expected = train_dense_cases(cases, strategy=None)
+        expected = fit_dense_cases(cases)
         start_kernels = {name: problem[2] for name, (_, problem) in cases.items()}
         for n in CENTER_LOSS_SIZES:
             x, y, w, c = center_loss_problem(n)
-            w_ref, c_ref, _ = single_device_reference(x, y, w, c, **HYPERPARAMETERS)
+            w_ref, c_ref, _ = numpy_center_loss_training(
+                x, y, w, c, **CENTER_LOSS_HYPERPARAMETERS
+            )
             expected[f"center loss, {n} samples"] = [w_ref, c_ref]
             start_kernels[f"center loss, {n} samples"] = w
         results = [worker_result(*worker, deadline) for worker in workers]
