@@ -79,17 +79,31 @@ def running_workers(log_dir):
             process.wait()
 
 
-def worker_result(process, log_path, deadline):
+def wait_for_workers(workers, deadline):
+    """Returns when all exited with 0; fails at the first error, or at `deadline`.
+
+    (A worker whose peer died would otherwise wait for it until the deadline.)
+    """
+    while True:
+        codes = [process.poll() for process, _ in workers]  # poll every worker
+        for code, (_, log_path) in zip(codes, workers):
+            if code not in (None, 0):
+                pytest.fail(f"worker failed:\n{log_path.read_text()[-3000:]}")
+        if None not in codes:
+            return
+        if time.monotonic() > deadline:
+            logs = "\n".join(path.read_text()[-1500:] for _, path in workers)
+            pytest.fail(f"workers timed out after {TIMEOUT_S} s:\n{logs}")
+        time.sleep(0.2)
+
+
+def printed_weights(log_path):
     """The weights a worker printed, as name -> list of arrays."""
-    try:
-        process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"worker timed out:\n{log_path.read_text()[-3000:]}")
     lines = [
         line for line in log_path.read_text().splitlines()
         if line.startswith("RESULT ")
     ]
-    assert process.returncode == 0 and lines, log_path.read_text()[-3000:]
+    assert lines, log_path.read_text()[-3000:]
     weights = json.loads(lines[0][len("RESULT "):])
     return {name: [np.asarray(w) for w in ws] for name, ws in weights.items()}
 
@@ -108,9 +122,8 @@ def test_multi_worker_equals_one_device(tmp_path):
             )
             expected[f"center loss, {n} samples"] = [w_ref, c_ref]
             start_kernels[f"center loss, {n} samples"] = w
-        results = [worker_result(*worker, deadline) for worker in workers]
-
-    first, second = results
+        wait_for_workers(workers, deadline)
+    first, second = (printed_weights(log_path) for _, log_path in workers)
     assert set(first) == set(expected), sorted(first)
     for name, want in expected.items():
         assert np.abs(want[0] - start_kernels[name]).max() > 1e-2, name  # it trained
