@@ -46,6 +46,34 @@ def batches(n, batch_size):
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
+# A problem for distributed training (tests/test_center_loss_distributed.py,
+# tests/multi_worker.py, tests/jax_data_parallel.py): features `x @ W` of
+# inputs of size 5 into `CenterLoss`, trained one epoch.
+CENTER_LOSS_HYPERPARAMETERS = dict(batch_size=8, lr=0.5, lam=0.7, alpha=0.5)
+
+
+def center_loss_problem(n):
+    """Inputs, labels, start kernel and start centers for `n` samples."""
+    rng = np.random.default_rng(10 + n)
+    x = rng.normal(size=(n, 5)).astype("float32")
+    y = rng.integers(0, K, size=n).astype("int32")
+    return x, y, rng.normal(size=(5, D)), rng.normal(size=(K, D))
+
+
+def numpy_center_loss_training(x, y, w, c, batch_size, lr, lam, alpha):
+    """One device: SGD on lambda * L_C through features x @ W, then the center
+    rule, batch by batch; returns the kernel, centers and mean batch loss."""
+    losses, sizes = [], []
+    for part in batches(len(x), batch_size):
+        xb, yb = x[part].astype(np.float64), y[part]
+        f = xb @ w
+        losses.append(lam * numpy_center_loss(c, f, yb))
+        sizes.append(len(yb))
+        w = w - lr * xb.T @ (lam * (f - c[yb]) / len(yb))
+        c = numpy_center_step(c, f, yb, alpha)
+    return w, c, np.average(losses, weights=sizes)
+
+
 def to_numpy(x):
     return np.asarray(ops.convert_to_numpy(x), np.float64)
 

@@ -1,9 +1,11 @@
 """`CenterLoss` under `tf.distribute.MirroredStrategy` (2 logical CPUs).
 
 TensorFlow backend only (tests/conftest.py creates the logical devices and
-the shared strategy).
+the shared strategy; tests/multi_worker.py and tests/jax_data_parallel.py
+train the same problems under `MultiWorkerMirroredStrategy` and JAX's
+`DataParallel`).
 The reference is single-device training on the same global batches, written
-in NumPy.
+in NumPy (`numpy_center_loss_training`).
 """
 
 import numpy as np
@@ -14,45 +16,12 @@ import keras
 if keras.backend.backend() != "tensorflow":
     pytest.skip("tf.distribute needs the TensorFlow backend", allow_module_level=True)
 
-from keras_batchfix import CenterLoss  # noqa: E402
 from tests.test_center_loss import (  # noqa: E402
-    batches,
-    numpy_center_loss,
-    numpy_center_step,
+    CENTER_LOSS_HYPERPARAMETERS,
+    center_loss_problem,
+    numpy_center_loss_training,
 )
-
-K, D, IN = 4, 3, 5
-
-
-def single_device_reference(x, y, w, c, batch_size, lr, lam, alpha):
-    """SGD on lambda * L_C through features x @ W, then the center rule."""
-    losses, sizes = [], []
-    for part in batches(len(x), batch_size):
-        xb, yb = x[part].astype(np.float64), y[part]
-        f = xb @ w
-        losses.append(lam * numpy_center_loss(c, f, yb))
-        sizes.append(len(yb))
-        w = w - lr * xb.T @ (lam * (f - c[yb]) / len(yb))
-        c = numpy_center_step(c, f, yb, alpha)
-    return w, c, np.average(losses, weights=sizes)
-
-
-def fit_mirrored(strategy, x, y, w, c, batch_size, lr, lam, alpha):
-    with strategy.scope():
-        inputs = keras.Input((IN,))
-        labels = keras.Input((), dtype="int32")
-        dense = keras.layers.Dense(D, use_bias=False)
-        layer = CenterLoss(
-            K,
-            alpha=alpha,
-            loss_weight=lam,
-            centers_initializer=keras.initializers.Constant(c),
-        )
-        model = keras.Model([inputs, labels], layer([dense(inputs), labels]))
-        dense.set_weights([w.astype("float32")])
-        model.compile(optimizer=keras.optimizers.SGD(lr))
-    history = model.fit([x, y], batch_size=batch_size, shuffle=False, verbose=0)
-    return dense, layer, history
+from tests.training import fit_center_loss  # noqa: E402
 
 
 def replica_values(variable):
@@ -62,19 +31,14 @@ def replica_values(variable):
 
 @pytest.mark.parametrize("n", [16, 15])  # 15: last global batch of 7 splits 4 / 3
 def test_mirrored_equals_single_device(n, mirrored_strategy):
-    rng = np.random.default_rng(10 + n)
-    batch_size, lr, lam, alpha = 8, 0.5, 0.7, 0.5
-    x = rng.normal(size=(n, IN)).astype("float32")
-    y = rng.integers(0, K, size=n).astype("int32")
-    w = rng.normal(size=(IN, D))
-    c = rng.normal(size=(K, D))
-
-    dense, layer, history = fit_mirrored(
-        mirrored_strategy, x, y, w, c, batch_size, lr, lam, alpha
+    x, y, w, c = center_loss_problem(n)
+    dense, layer, history = fit_center_loss(
+        x, y, w, c, **CENTER_LOSS_HYPERPARAMETERS, strategy=mirrored_strategy
     )
-    w_ref, c_ref, loss_ref = single_device_reference(
-        x, y, w, c, batch_size, lr, lam, alpha
+    w_ref, c_ref, loss_ref = numpy_center_loss_training(
+        x, y, w, c, **CENTER_LOSS_HYPERPARAMETERS
     )
+    lam = CENTER_LOSS_HYPERPARAMETERS["lam"]
 
     centers = replica_values(layer.centers)
     assert len(centers) == 2

@@ -19,11 +19,30 @@ def ssd_keras_style(y_true, y_pred):
     return numerator / ops.maximum(count, 1.0)
 
 
-# Three return shapes of one self-normalizing loss: squared error on the
-# anchors flagged in channel 0, divided by the number of flagged anchors.
+# Squared error on the anchors flagged in channel 0, and the number of
+# flagged anchors: the numerator and count of a self-normalizing loss.
+def flagged_errors(y_true, y_pred):
+    """Numerator per element, shape (B, anchors)."""
+    return y_true[..., 0] * ops.sum((y_pred - y_true) ** 2, -1)
+
+
+def flagged_squared_error(y_true, y_pred):
+    """Numerator per sample, shape (B,)."""
+    return ops.sum(flagged_errors(y_true, y_pred), axis=1)
+
+
+def flagged_error_total(y_true, y_pred):
+    """Numerator as a scalar."""
+    return ops.sum(flagged_errors(y_true, y_pred))
+
+
+def flagged_count(y_true, y_pred):
+    return ops.sum(y_true[..., 0])
+
+
+# Three return shapes of the self-normalizing loss (numerator / count).
 def per_element(y_true, y_pred):
-    flagged = y_true[..., 0]
-    return flagged * ops.sum((y_pred - y_true) ** 2, -1) / ops.sum(flagged)
+    return flagged_errors(y_true, y_pred) / flagged_count(y_true, y_pred)
 
 
 def per_sample(y_true, y_pred):
@@ -34,12 +53,21 @@ def scalar(y_true, y_pred):
     return ops.sum(per_element(y_true, y_pred))
 
 
-def flagged_squared_error(y_true, y_pred):
-    return ops.sum(y_true[..., :1] * (y_pred - y_true) ** 2, axis=(1, 2))
-
-
-def flagged_count(y_true, y_pred):
-    return ops.sum(y_true[..., 0])
+# Self-normalizing: equal to one device when replicas see equal counts.
+SELF_NORMALIZED_LOSSES = {
+    "per_element": compensate(per_element),
+    "per_sample": compensate(per_sample),
+    "scalar": compensate(scalar),
+}
+# Numerator and count, the count all-reduced: equal to one device always.
+GLOBAL_COUNT_LOSSES = {
+    name: compensate(numerator, count=flagged_count, normalizer=GlobalCount())
+    for name, numerator in (
+        ("per_element", flagged_errors),
+        ("per_sample", flagged_squared_error),
+        ("scalar", flagged_error_total),
+    )
+}
 
 
 def numpy_flagged_loss(y_true, y_pred, weights=None):
@@ -56,6 +84,21 @@ def flagged_batch(rng, batch_size, anchors=6, depth=3, flags_per_image=2):
     y_true[:, :flags_per_image, 0] = 1.0
     y_pred = rng.normal(size=y_true.shape).astype("float32")
     return y_true, y_pred
+
+
+def regression_problem(seed, size, varying_flags):
+    """Inputs, targets and a Dense layer's start: `Dense(x)` predicts `y`.
+
+    Every image has 2 flagged anchors, or (`varying_flags`) 0 to 6, so that
+    replicas see different counts.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(size, 6, 3)).astype("float32")
+    y_true, _ = flagged_batch(rng, size)
+    if varying_flags:
+        y_true[..., 0] = rng.random((size, 6)) < rng.random((size, 1))
+    kernel = rng.normal(size=(3, 3)).astype("float32")
+    return x, y_true, kernel, np.zeros(3, "float32")
 
 
 def identity_model(loss, depth):
@@ -175,26 +218,34 @@ def test_model_save_round_trip(tmp_path, count):
     )
 
 
-@pytest.mark.parametrize(
-    "loss",
-    [
-        compensate(per_element),
-        compensate(per_sample),
-        compensate(scalar),
-        compensate(flagged_squared_error, count=flagged_count),
-    ],
-    ids=["per_element", "per_sample", "scalar", "numerator_and_count"],
-)
-def test_mirrored_strategy_equals_one_device(loss, mirrored_strategy):
-    rng = np.random.default_rng(8)
-    x = rng.normal(size=(32, 6, 3)).astype("float32")
-    y_true, _ = flagged_batch(rng, 32)  # every image has 2 flagged anchors
-    kernel = rng.normal(size=(3, 3)).astype("float32")
-    bias = np.zeros(3, "float32")
+def assert_mirrored_equals_one_device(loss, problem, strategy):
+    x, y_true, kernel, bias = problem
     single = fit_dense(loss, x, y_true, kernel, bias, batch_size=8, epochs=2)
     mirrored = fit_dense(
-        loss, x, y_true, kernel, bias, batch_size=8, epochs=2,
-        strategy=mirrored_strategy,
+        loss, x, y_true, kernel, bias, batch_size=8, epochs=2, strategy=strategy
     )
+    assert np.abs(single[0] - kernel).max() > 1e-2  # training moved the weights
     for got, want in zip(mirrored, single):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(SELF_NORMALIZED_LOSSES))
+def test_mirrored_strategy_equals_one_device(name, mirrored_strategy):
+    # 32 images in batches of 8, 2 flagged anchors each: equal replica counts.
+    assert_mirrored_equals_one_device(
+        SELF_NORMALIZED_LOSSES[name],
+        regression_problem(8, 32, varying_flags=False),
+        mirrored_strategy,
+    )
+
+
+@pytest.mark.parametrize("name", list(GLOBAL_COUNT_LOSSES))
+def test_global_count_mirrored_equals_one_device_split_unevenly(
+    name, mirrored_strategy
+):
+    # 37 images: the last batch of 5 splits 3 / 2; counts differ by replica.
+    assert_mirrored_equals_one_device(
+        GLOBAL_COUNT_LOSSES[name],
+        regression_problem(9, 37, varying_flags=True),
+        mirrored_strategy,
+    )

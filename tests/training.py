@@ -1,11 +1,11 @@
-"""One Dense layer trained with `fit`, optionally under a tf.distribute strategy."""
+"""Models trained with `fit`, optionally under a tf.distribute strategy."""
 
 import contextlib
 
 import keras
 from keras import ops
 
-from keras_batchfix import EMACount, attach_normalizers
+from keras_batchfix import CenterLoss, EMACount, attach_normalizers
 
 # `mode` of `dense_model`: (run_eagerly, jit_compile) for `compile`.
 MODES = {
@@ -19,9 +19,8 @@ MODES = {
 def dense_model(loss, input_shape, kernel, bias, optimizer, strategy=None,
                 mode="auto"):
     """A compiled `Dense` from `(kernel, bias)`, its EMACount attached."""
-    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     run_eagerly, jit_compile = MODES[mode]
-    with scope:
+    with _scope(strategy):
         inputs = keras.Input(input_shape)
         dense = keras.layers.Dense(kernel.shape[-1])
         model = keras.Model(inputs, dense(inputs))
@@ -35,6 +34,10 @@ def dense_model(loss, input_shape, kernel, bias, optimizer, strategy=None,
     return model
 
 
+def _scope(strategy):
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
 def fit_dense(loss, x, y, kernel, bias, batch_size, epochs, lr=0.05, momentum=0.9,
               strategy=None):
     """Trains `Dense` from `(kernel, bias)` with SGD; returns the final weights."""
@@ -44,3 +47,36 @@ def fit_dense(loss, x, y, kernel, bias, batch_size, epochs, lr=0.05, momentum=0.
     )
     model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
     return [ops.convert_to_numpy(w) for w in model.weights]
+
+
+def fit_dense_cases(cases, strategy=None):
+    """`{name: (loss, (x, y, kernel, bias))}` -> `{name: final weights}`.
+
+    2 epochs in batches of 8.
+    """
+    return {
+        name: fit_dense(loss, *problem, batch_size=8, epochs=2, strategy=strategy)
+        for name, (loss, problem) in cases.items()
+    }
+
+
+def fit_center_loss(x, y, w, c, batch_size, lr, lam, alpha, strategy=None):
+    """Features `x @ W` (no bias) into `CenterLoss`, one epoch of SGD.
+
+    Returns the `Dense` layer, the `CenterLoss` layer and the history.
+    """
+    with _scope(strategy):
+        inputs = keras.Input(x.shape[1:])
+        labels = keras.Input((), dtype="int32")
+        dense = keras.layers.Dense(w.shape[1], use_bias=False)
+        layer = CenterLoss(
+            len(c),
+            alpha=alpha,
+            loss_weight=lam,
+            centers_initializer=keras.initializers.Constant(c),
+        )
+        model = keras.Model([inputs, labels], layer([dense(inputs), labels]))
+        dense.set_weights([w.astype("float32")])
+        model.compile(optimizer=keras.optimizers.SGD(lr))
+    history = model.fit([x, y], batch_size=batch_size, shuffle=False, verbose=0)
+    return dense, layer, history
