@@ -11,7 +11,7 @@ import argparse
 import os
 
 import numpy as np
-from harness import emit, median_seconds, run_worker
+from harness import emit, interleaved_medians, run_worker
 
 FEATURES, BATCH = 512, 256
 
@@ -111,9 +111,7 @@ def worker(args):
             steps = reference_step(num_classes, x, labels)
         else:
             steps = keras_steps(num_classes, x, labels)
-        results[str(num_classes)] = {
-            mode: median_seconds(step, args.repeats) for mode, step in steps.items()
-        }
+        results[str(num_classes)] = interleaved_medians(steps, args.repeats)
     emit(results)
 
 

@@ -12,26 +12,35 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def median_seconds(step, repeats, warmup=2):
-    """Median wall time of `step()` over `repeats` calls, after `warmup`."""
-    for _ in range(warmup):
-        step()
-    times = []
+def interleaved_medians(steps, repeats, warmup=2):
+    """`{name: median wall time of steps[name]()}`, the steps taken in turn.
+
+    After `warmup` calls of each, every round calls each step once, so drift
+    of a shared machine (other work, clock changes) reaches all steps alike
+    and cancels in their ratios.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def peak_step_bytes(step, repeats=3):
     """Largest rise of the resident set during `step()` above its level before.
 
     Linux only: the kernel's high-water mark is reset before each call
-    (`/proc/self/clear_refs`), and `run_worker` fixes glibc's mmap threshold
-    so that every large buffer is mapped on allocation and unmapped when
-    freed (the resident set then follows the live buffers, whichever
-    framework allocates them). Call after a warm-up. NaN where unsupported.
+    (`/proc/self/clear_refs`). Run it in a worker started with
+    `run_worker(..., memory=True)`, where glibc's mmap threshold is fixed so
+    that every large buffer is mapped on allocation and unmapped when freed:
+    the resident set then follows the live buffers, whichever framework
+    allocates them. (That slows large allocations down: never time steps in
+    such a worker.) Call after a warm-up. NaN where unsupported.
     """
     peak = float("nan")
     for _ in range(repeats):
@@ -60,19 +69,21 @@ def emit(results):
     print("RESULT " + json.dumps(results), flush=True)
 
 
-def run_worker(script, backend, arguments):
+def run_worker(script, backend, arguments, memory=False):
     """Runs `script --worker BACKEND ARGUMENTS` and returns what it emitted.
 
     `backend` is a Keras backend name, or "reference" for the PyTorch
-    reference (no Keras backend is set then).
+    reference (no Keras backend is set then). `memory=True` fixes glibc's
+    mmap threshold for `peak_step_bytes`.
     """
-    # A fixed mmap threshold: large buffers go back to the system when freed
-    # (for `peak_step_bytes`), the same rule for every framework.
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     if backend != "reference":
         env["KERAS_BACKEND"] = backend
     command = [sys.executable, script, "--worker", backend, *arguments]
-    print(f"timing {backend} ...", file=sys.stderr, flush=True)
+    what = "memory of" if memory else "timing"
+    print(f"{what} {backend} ...", file=sys.stderr, flush=True)
     out = subprocess.run(command, env=env, capture_output=True, text=True)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):

@@ -1,21 +1,24 @@
 """Forward + backward time and peak memory of `SSDMultiboxLoss`, as ratios.
 
-Baselines measured in the same run:
+Baselines:
 
-* `torch reference`: the PyTorch multibox loss of `tests/references`
-  (ssd.pytorch's double argsort for per-image mining);
+* `torch ref`: the PyTorch multibox loss of `tests/references` (ssd.pytorch's
+  double argsort for per-image mining), timed inside every backend's process,
+  its steps taken in turn with the Keras ones (`harness.interleaved_medians`),
+  so each ratio compares steps measured side by side;
 * `floor`: softmax cross-entropy plus smooth L1 over all anchors, no mining,
   written in `keras.ops` with the loss's own cross-entropy and timed the same
   way on the same backend: what any SSD loss costs before mining.
 
 Peak memory is the largest rise of the process's resident set during one
-step above its level before the step (`harness.peak_step_bytes`): the
-buffers the step allocates, the returned gradient included, measured the
-same way for every framework.
+step above its level before it (`harness.peak_step_bytes`): the buffers the
+step allocates, the returned gradient included, measured the same way for
+every framework, in separate processes.
 
 Each backend runs in its own process (Keras picks its backend at import).
 
     python benchmarks/loss_speed.py             # B = 8, 32, 128; 8732 anchors
+    python benchmarks/loss_speed.py --batch-sizes 32 --repeats 15
     python benchmarks/loss_speed.py --quick     # small shapes, a smoke run
 """
 
@@ -24,7 +27,7 @@ import os
 
 from harness import (
     emit,
-    median_seconds,
+    interleaved_medians,
     peak_step_bytes,
     run_worker,
     value_and_grad_steps,
@@ -87,29 +90,40 @@ def torch_reference_steps(y_true, y_pred):
         multibox_loss(t, p, NUM_CLASSES, mining=mining, from_logits=True).backward()
 
     return {
-        "torch reference": {
+        "torch ref": {
             mode: (lambda mode=mode: step(mode)) for mode in ("batch", "per_image")
         }
     }
 
 
 def worker(args):
-    """Runs in a child process: times every step, prints one JSON line."""
+    """Runs in a child process: times or measures every step, prints JSON.
+
+    `{batch size: {mode: {name: value}}}`; a Keras backend's worker also
+    times the torch reference (mode "torch ref") in turn with its own steps.
+    """
     results = {}
     for batch_size in args.batch_sizes:
         y_true, y_pred = make_batch(batch_size, args.anchors)
-        if args.worker == "reference":
-            steps = torch_reference_steps(y_true, y_pred)
+        steps = torch_reference_steps(y_true, y_pred)
+        if args.worker != "reference":
+            if args.memory:
+                steps = {}
+            steps.update(keras_steps(y_true, y_pred))
+        flat = {
+            (mode, name): step
+            for mode, named in steps.items()
+            for name, step in named.items()
+        }
+        if args.memory:
+            values = {}
+            for key, step in flat.items():
+                step(), step()  # warm-up
+                values[key] = peak_step_bytes(step)
         else:
-            steps = keras_steps(y_true, y_pred)
-        for mode, named in steps.items():
-            for name, step in named.items():
-                results.setdefault(f"{batch_size}", {}).setdefault(mode, {})[
-                    name
-                ] = {
-                    "seconds": median_seconds(step, args.repeats),
-                    "peak_bytes": peak_step_bytes(step),
-                }
+            values = interleaved_medians(flat, args.repeats)
+        for (mode, name), value in values.items():
+            results.setdefault(f"{batch_size}", {}).setdefault(mode, {})[name] = value
     emit(results)
 
 
@@ -121,6 +135,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax", "torch"])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.anchors, args.batch_sizes, args.repeats = 500, [4], 2
@@ -132,30 +147,35 @@ def main():
         "--batch-sizes", *map(str, args.batch_sizes),
     ]
     script = os.path.abspath(__file__)
-    reference = run_worker(script, "reference", arguments)
-    measured = {b: run_worker(script, b, arguments) for b in args.backends}
+    seconds = {b: run_worker(script, b, arguments) for b in args.backends}
+    peaks = {
+        w: run_worker(script, w, [*arguments, "--memory"], memory=True)
+        for w in ["reference", *args.backends]
+    }
     print(f"SSDMultiboxLoss forward+backward, {args.anchors} anchors, "
-          f"{NUM_CLASSES} classes, median of {args.repeats}; peak = largest "
-          "resident-set rise during a step")
+          f"{NUM_CLASSES} classes, median of {args.repeats} (torch ref timed in "
+          "turn with each backend); peak = largest resident-set rise in a step")
     print(f"{'B':>4} {'backend/mode':<13} {'mining':<10} {'median ms':>10} "
           f"{'/ torch ref':>11} {'/ floor':>8} {'peak MiB':>9} {'/ torch ref':>11}")
     for batch_size in map(str, args.batch_sizes):
-        ref = reference[batch_size]["torch reference"]
-        rows = [("torch ref", mining, ref[mining], None) for mining in ref]
-        for backend_results in measured.values():
-            for mode, named in backend_results[batch_size].items():
-                rows += [
-                    (mode, mining, named[mining], named["floor"])
-                    for mining in ("batch", "per_image")
-                ]
-        for mode, mining, result, floor in rows:
-            seconds, peak = result["seconds"], result["peak_bytes"]
-            versus_floor = "" if floor is None else f"{seconds / floor['seconds']:.2f}"
-            print(
-                f"{batch_size:>4} {mode:<13} {mining:<10} {seconds * 1e3:>10.1f} "
-                f"{seconds / ref[mining]['seconds']:>11.2f} {versus_floor:>8} "
-                f"{peak / 2**20:>9.1f} {peak / ref[mining]['peak_bytes']:>11.2f}"
-            )
+        ref_peak = peaks["reference"][batch_size]["torch ref"]
+        for backend in args.backends:
+            timed = seconds[backend][batch_size]
+            ref = timed["torch ref"]
+            for mode, named in timed.items():
+                floor = named.get("floor")
+                for mining in ("batch", "per_image"):
+                    peak = next(
+                        p[batch_size][mode][mining] for p in peaks.values()
+                        if mode in p[batch_size]
+                    )
+                    versus_floor = "" if floor is None else f"{named[mining] / floor:.2f}"
+                    print(
+                        f"{batch_size:>4} {mode:<13} {mining:<10} "
+                        f"{named[mining] * 1e3:>10.1f} "
+                        f"{named[mining] / ref[mining]:>11.2f} {versus_floor:>8} "
+                        f"{peak / 2**20:>9.1f} {peak / ref_peak[mining]:>11.2f}"
+                    )
 
 
 if __name__ == "__main__":
