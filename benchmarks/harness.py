@@ -126,8 +126,10 @@ def value_and_grad_steps(fn, argument, constants=()):
 
         constants = [jax.numpy.asarray(c) for c in constants]
         argument = jax.numpy.asarray(argument)
-        jitted = jax.jit(jax.value_and_grad(lambda a: fn(*constants, a)))
-        return {"jax jit": lambda: jax.block_until_ready(jitted(argument))}
+        # The constants are arguments, as in a train step: closed over, they
+        # would be baked into the program (and constant-folded by XLA).
+        jitted = jax.jit(jax.value_and_grad(lambda a, *c: fn(*c, a)))
+        return {"jax jit": lambda: jax.block_until_ready(jitted(argument, *constants))}
     if backend == "torch":
         import torch
 
