@@ -74,9 +74,10 @@ def keras_steps(num_classes, x, labels):
                  [v.value for v in layer.non_trainable_variables]]
         labels_j = jax.numpy.asarray(labels)
 
-        def loss_fn(features, trainable, non_trainable):
+        # Labels are an argument (closed over, XLA would constant-fold them).
+        def loss_fn(features, trainable, non_trainable, labels):
             _, non_trainable, losses = layer.stateless_call(
-                trainable, non_trainable, [features, labels_j],
+                trainable, non_trainable, [features, labels],
                 training=True, return_losses=True,
             )
             return sum(losses), non_trainable
@@ -85,7 +86,7 @@ def keras_steps(num_classes, x, labels):
         x_j = jax.numpy.asarray(x)
 
         def step():
-            (_, state[1]), grad = grad_fn(x_j, *state)
+            (_, state[1]), grad = grad_fn(x_j, *state, labels_j)
             jax.block_until_ready(grad)
 
         return {"jax jit": step}
