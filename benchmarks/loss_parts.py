@@ -25,7 +25,7 @@ def parts():
     from keras import ops
 
     from keras_batchfix import SSDMultiboxLoss
-    from keras_batchfix.ssd_loss import log_partition, smooth_l1
+    from keras_batchfix.ssd_loss import log_partition, smooth_l1, softmax_cross_entropy
 
     n = NUM_CLASSES
 
@@ -36,10 +36,7 @@ def parts():
         return ops.sum(y_true[..., :n] * y_pred[..., :n])
 
     def cross_entropy(y_true, y_pred):
-        targets, scores = y_true[..., :n], y_pred[..., :n]
-        return ops.sum(
-            ops.sum(targets, -1) * log_partition(scores) - ops.sum(targets * scores, -1)
-        )
+        return ops.sum(softmax_cross_entropy(y_true[..., :n], y_pred[..., :n]))
 
     def smooth_l1_sum(y_true, y_pred):
         return ops.sum(smooth_l1(y_pred[..., n : n + 4] - y_true[..., n : n + 4]))

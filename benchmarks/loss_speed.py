@@ -51,13 +51,10 @@ def floor_loss(y_true, y_pred):
     """Cross-entropy (the loss's own log-partition form) + smooth L1, no mining."""
     from keras import ops
 
-    from keras_batchfix.ssd_loss import log_partition, smooth_l1
+    from keras_batchfix.ssd_loss import smooth_l1, softmax_cross_entropy
 
     n = NUM_CLASSES
-    targets, scores = y_true[..., :n], y_pred[..., :n]
-    cross_entropy = ops.sum(targets, -1) * log_partition(scores) - ops.sum(
-        targets * scores, -1
-    )
+    cross_entropy = softmax_cross_entropy(y_true[..., :n], y_pred[..., :n])
     box = ops.sum(smooth_l1(y_pred[..., n : n + 4] - y_true[..., n : n + 4]), -1)
     return ops.sum(cross_entropy + box) / ops.maximum(ops.sum(y_true[..., 1:n]), 1.0)
 

@@ -120,11 +120,7 @@ class SSDMultiboxLoss(NormalizedLoss):
         box_offsets = y_pred[..., n : n + 4]
 
         if self.from_logits:
-            # -sum_c t_c (s_c - logsumexp(s)), without materializing the
-            # log-softmax (about 1.5x faster forward + backward on CPU XLA).
-            cross_entropy = ops.sum(class_targets, axis=-1) * log_partition(
-                class_scores
-            ) - ops.sum(class_targets * class_scores, axis=-1)
+            cross_entropy = softmax_cross_entropy(class_targets, class_scores)
         else:
             log_probs = ops.log(ops.maximum(class_scores, 1e-15))
             cross_entropy = -ops.sum(class_targets * log_probs, axis=-1)
@@ -201,6 +197,16 @@ class SSDMultiboxLoss(NormalizedLoss):
         return config
 
 
+def softmax_cross_entropy(targets, logits):
+    """`-sum_c t_c log softmax(s)_c = sum_c t_c * logsumexp(s) - sum_c t_c s_c`.
+
+    Over the last axis, without materializing the log-softmax tensor.
+    """
+    return ops.sum(targets, axis=-1) * log_partition(logits) - ops.sum(
+        targets * logits, axis=-1
+    )
+
+
 def log_partition(scores):
     """`log(sum(exp(scores), axis=-1))`, stable, with the usual gradient (softmax).
 
@@ -233,9 +239,7 @@ def top_k_mask(scores, k):
     10x faster than sorting a batch of SSD300 anchors. The mask is then
     `scores >= kth_largest`, unless some row has more entries equal to its
     k-th largest than it may take: only then (an `ops.cond`) is the costlier
-    first-come tie-break computed, a cumulative sum over the row. A row kept
-    multi-dimensional (a whole batch of anchors) is counted with one
-    reduction over its axes, which XLA runs faster than over a flattened row.
+    first-come tie-break computed, a cumulative sum over the row.
     """
     scores = ops.convert_to_tensor(scores, dtype="float32")
     k = ops.convert_to_tensor(k, dtype="int32")
@@ -249,14 +253,12 @@ def top_k_mask(scores, k):
 
     def first_ties_only():
         above = scores > kth_largest
-        tied = ops.reshape(scores == kth_largest, (ops.shape(scores)[0], -1))
-        tie_rank = ops.reshape(
-            ops.cumsum(ops.cast(tied, "int32"), axis=-1), ops.shape(scores)
-        )
+        tied = scores == kth_largest
+        flat_ties = ops.reshape(ops.cast(tied, "int32"), (ops.shape(scores)[0], -1))
+        tie_rank = ops.reshape(ops.cumsum(flat_ties, axis=-1), ops.shape(scores))
         n_above = _per_row(_count(above), scores)
         return ops.logical_or(
-            above,
-            ops.logical_and(scores == kth_largest, tie_rank <= wanted - n_above),
+            above, ops.logical_and(tied, tie_rank <= wanted - n_above)
         )
 
     selected = ops.cond(no_excess_ties, all_at_least_kth, first_ties_only)
