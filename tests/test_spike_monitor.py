@@ -12,6 +12,7 @@ from keras import ops
 import keras_batchfix
 from keras_batchfix.spike_monitor import attribute_spikes
 from keras_batchfix.spike_monitor import detect_spikes
+from tests.training import strategy_scope
 
 BATCH = 32
 
@@ -284,7 +285,7 @@ def lr_zero_fit(monitor, batch_size, strategy=None, **compile_kwargs):
     x = rng.normal(size=(100, 3)).astype("float32")
     y = rng.normal(size=(100, 2)).astype("float32")
     keras.utils.set_random_seed(4)
-    with strategy.scope() if strategy else keras.name_scope("frozen"):
+    with strategy_scope(strategy):
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
         model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", **compile_kwargs)
     model.fit(

@@ -20,7 +20,7 @@ def dense_model(loss, input_shape, kernel, bias, optimizer, strategy=None,
                 mode="auto"):
     """A compiled `Dense` from `(kernel, bias)`, its EMACount attached."""
     run_eagerly, jit_compile = MODES[mode]
-    with _scope(strategy):
+    with strategy_scope(strategy):
         inputs = keras.Input(input_shape)
         dense = keras.layers.Dense(kernel.shape[-1])
         model = keras.Model(inputs, dense(inputs))
@@ -34,7 +34,8 @@ def dense_model(loss, input_shape, kernel, bias, optimizer, strategy=None,
     return model
 
 
-def _scope(strategy):
+def strategy_scope(strategy):
+    """`strategy.scope()`, or no scope for `None`."""
     return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
@@ -65,7 +66,7 @@ def fit_center_loss(x, y, w, c, batch_size, lr, lam, alpha, strategy=None):
 
     Returns the `Dense` layer, the `CenterLoss` layer and the history.
     """
-    with _scope(strategy):
+    with strategy_scope(strategy):
         inputs = keras.Input(x.shape[1:])
         labels = keras.Input((), dtype="int32")
         dense = keras.layers.Dense(w.shape[1], use_bias=False)
