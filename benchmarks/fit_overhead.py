@@ -5,15 +5,19 @@ small MLP is trained with `fit` on Keras's `"mse"` (the baseline), on
 `compensate(keras.losses.MeanSquaredError())` (the wrapper's cost: its own
 reduction instead of Keras's), with `SpikeMonitor`, and with
 `SpikeMonitor(gradient_norm=True)`, all interleaved. Each `fit` runs
-two epochs and only the second is timed (the first includes tracing). The
-ratio of a configuration is the median over repeats of its step time divided
-by the baseline's step time measured right before it (pairs measured close
-in time cancel most of the drift of a shared machine). "min ratio" divides
+four epochs and the last three are timed (the first includes tracing). The
+ratio of a configuration is the median over timed epochs of its step time
+divided by the baseline's step time in the same epoch of the same repeat
+(pairs measured close in time cancel most of the drift of a shared machine). "min ratio" divides
 the fastest epoch of a configuration by the fastest baseline epoch: on a busy
 machine, where other work only ever adds time, it is the steadier estimate.
 "cpu ratio" is the median of paired ratios of the process's CPU time per
 epoch (all threads): other processes' load inflates it far less than wall
-time, so it is the estimate to read on a shared machine.
+time, so it is the estimate to read on a shared machine. "hooks" is the share
+of the timed epoch spent in the monitor's own Python code (its hooks and, on
+torch, the per-step recording; see `HookTimer`): measured inside the same
+steps, it is immune to the drift that blurs the ratios, and on torch it is the
+monitor's whole cost but for what the interpreter and allocator do around it.
 
     python benchmarks/fit_overhead.py            # all three backends
     python benchmarks/fit_overhead.py --backends jax --repeats 9
@@ -29,6 +33,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import emit, run_worker  # noqa: E402
 
+TIMED_EPOCHS = 3  # per `fit`, after one that includes tracing
+
 CONFIGS = (
     "baseline",
     "compensate(mse)",
@@ -43,19 +49,58 @@ def worker(args):
 
     import keras_batchfix
 
+    class HookTimer:
+        """Wall time spent in a monitor's own Python code, in total.
+
+        Wraps (on the instance) the monitor's epoch and batch hooks and the
+        per-step recording that the loss tracker's wrapper calls: on torch,
+        where the step runs eagerly, that is all the monitor adds to a step;
+        on TensorFlow and JAX the recording runs once, at tracing, and its
+        cost per step is inside the compiled step (seen only in the ratios).
+        """
+
+        METHODS = ("on_epoch_begin", "on_train_batch_begin", "on_epoch_end",
+                   "_record_step", "_global_norm")
+
+        def __init__(self, monitor):
+            self.seconds = 0.0
+            for name in self.METHODS:
+                setattr(monitor, name, self._timed(getattr(monitor, name)))
+
+        def _timed(self, method):
+            def timed(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return method(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - start
+
+            return timed
+
     class EpochTimer(keras.callbacks.Callback):
-        """Wall and CPU time of each epoch (epoch hooks only: no per-step cost)."""
+        """Wall and CPU time of each epoch (epoch hooks only: no per-step cost).
+
+        Passed last, so the epoch it times includes the other callbacks'
+        `on_epoch_end` (the monitor reads its buffer there).
+        """
+
+        def __init__(self, hooks=None):
+            super().__init__()
+            self.hooks = hooks
 
         def on_train_begin(self, logs=None):
-            self.times, self.cpu_times = [], []
+            self.times, self.cpu_times, self.hook_times = [], [], []
 
         def on_epoch_begin(self, epoch, logs=None):
+            self.hook_start = self.hooks.seconds if self.hooks else 0.0
             self.start = time.perf_counter()
             self.cpu_start = time.process_time()
 
         def on_epoch_end(self, epoch, logs=None):
             self.times.append(time.perf_counter() - self.start)
             self.cpu_times.append(time.process_time() - self.cpu_start)
+            hooks = self.hooks.seconds if self.hooks else 0.0
+            self.hook_times.append(hooks - self.hook_start)
 
     def make_model(name):
         model = keras.Sequential(
@@ -73,13 +118,15 @@ def worker(args):
         return model
 
     def callbacks(name):
+        """(callbacks for `fit`, the epoch timer): the timer comes last."""
         if not name.startswith("SpikeMonitor"):
-            return []
-        return [
-            keras_batchfix.SpikeMonitor(
-                gradient_norm="gradient_norm" in name, verbose=0
-            )
-        ]
+            timer = EpochTimer()
+            return [timer], timer
+        monitor = keras_batchfix.SpikeMonitor(
+            gradient_norm="gradient_norm" in name, verbose=0
+        )
+        timer = EpochTimer(HookTimer(monitor))
+        return [monitor, timer], timer
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.samples, args.features)).astype("float32")
@@ -88,15 +135,20 @@ def worker(args):
     models = {name: make_model(name) for name in CONFIGS}
     step_times = {name: [] for name in CONFIGS}
     cpu_times = {name: [] for name in CONFIGS}
+    hook_fractions = {name: [] for name in CONFIGS}
     for _ in range(args.repeats):
         for name in CONFIGS:
-            timer = EpochTimer()
+            fit_callbacks, timer = callbacks(name)
             models[name].fit(
-                x, y, batch_size=args.batch_size, epochs=2, verbose=0,
-                callbacks=[timer, *callbacks(name)],
+                x, y, batch_size=args.batch_size, epochs=1 + TIMED_EPOCHS,
+                verbose=0, callbacks=fit_callbacks,
             )
-            step_times[name].append(timer.times[1] / steps)
-            cpu_times[name].append(timer.cpu_times[1] / steps)
+            for epoch in range(1, 1 + TIMED_EPOCHS):  # the first one traces
+                step_times[name].append(timer.times[epoch] / steps)
+                cpu_times[name].append(timer.cpu_times[epoch] / steps)
+                hook_fractions[name].append(
+                    timer.hook_times[epoch] / timer.times[epoch]
+                )
     base = step_times["baseline"]
     cpu_base = cpu_times["baseline"]
     emit(
@@ -110,6 +162,7 @@ def worker(args):
                 "cpu_ratio": statistics.median(
                     t / b for t, b in zip(cpu_times[name], cpu_base)
                 ),
+                "hooks": statistics.median(hook_fractions[name]),
             }
             for name in CONFIGS
         }
@@ -145,7 +198,7 @@ def main():
     )
     print(
         f"{'backend':11s} {'configuration':34s} {'step (us)':>10s} {'ratio':>7s}"
-        f" {'min ratio':>9s} {'cpu ratio':>9s}"
+        f" {'min ratio':>9s} {'cpu ratio':>9s} {'hooks':>6s}"
     )
     for backend in args.backends.split(","):
         results = run_worker(os.path.abspath(__file__), backend, forwarded)
@@ -154,6 +207,7 @@ def main():
             print(
                 f"{backend:11s} {name:34s} {row['step_us']:10.1f} {row['ratio']:7.3f}"
                 f" {row['min_ratio']:9.3f} {row['cpu_ratio']:9.3f}"
+                f" {100 * row['hooks']:5.2f}%"
             )
 
 

@@ -13,11 +13,13 @@ sample_weight=batch_size)`):
 
 * TensorFlow: the tracker's `update_state` is wrapped (and the train function
   retraced) so that the compiled step also writes `(loss, batch size,
-  iteration, learning rate)` into a ring buffer of `tf.Variable`s, read once
-  every 128 steps and at the end of each epoch. The loss is the step's own
-  float32 value: exact.
+  iteration, learning rate)` into a ring buffer of `tf.Variable`s with room
+  for an epoch, read at the end of each epoch (and, for epochs longer than
+  2**16 steps or of unknown length, before it could overflow). The loss is
+  the step's own float32 value: exact.
 * torch: the same wrapper keeps the step's values as tensors (the step runs
-  eagerly; no device sync per step). Exact.
+  eagerly; no device sync per step; plain torch calls, about 10 us a step),
+  converted at the end of each epoch. Exact.
 * JAX: the jitted step is stateless, so the ring buffer is made of two
   variables added to the loss tracker for the duration of `fit` (they travel
   in the trainer's metrics state and are removed at the end); the step's
@@ -52,6 +54,9 @@ import warnings
 import keras
 import numpy as np
 from keras import ops
+
+# The most steps the TensorFlow and JAX step buffers hold (5 floats each).
+_MAX_BUFFER_ROWS = 2**16
 
 COLUMNS = (
     "step",
@@ -184,8 +189,8 @@ class SpikeMonitor(keras.callbacks.Callback):
 
     Cost (see the module docstring for how steps are recorded, and
     `benchmarks/fit_overhead.py`): a few scalar writes in the train step
-    and one read of a small buffer every 128 steps and per epoch; the train
-    function is retraced once per `fit`. `gradient_norm=True` also computes
+    and one read of a buffer per epoch; the train function is retraced once
+    per `fit`. `gradient_norm=True` also computes
     `sqrt(sum_i ||g_i||^2)` of the gradients `optimizer.apply` receives
     (before clipping; unscaled under `LossScaleOptimizer`), one reduction per
     weight. In the fallback on JAX that value leaves the jitted step through
@@ -337,9 +342,10 @@ class SpikeMonitor(keras.callbacks.Callback):
             self._snaps.append((self._epoch, batch, self._snapshot()))
             self._pending = True
         elif self._mode in ("buffer", "jaxbuffer"):
-            self._since_flush += 1
-            if self._since_flush * self._steps_per_call() >= self._capacity // 2:
+            # Read the buffer only if the coming call could overwrite unread rows.
+            if (self._since_flush + 1) * self._rows_per_call > self._capacity:
                 self._flush_buffer()
+            self._since_flush += 1
 
     def on_test_begin(self, logs=None):
         # Validation inside `fit` resets the loss tracker: read the last
@@ -376,7 +382,8 @@ class SpikeMonitor(keras.callbacks.Callback):
     # the step's learning rate and iteration (read before the optimizer
     # increments it, so the schedule's value for this step). TensorFlow: into
     # a ring buffer of `tf.Variable`s written inside the compiled step and
-    # read every `capacity / 2` steps. torch: kept as tensors (no sync).
+    # read at the end of each epoch (or before it could overflow). torch:
+    # kept as tensors (no sync).
     # Validation steps (between on_test_begin and on_test_end) are skipped.
 
     def _patch(self, obj, name, wrapper):
@@ -411,6 +418,27 @@ class SpikeMonitor(keras.callbacks.Callback):
 
         return update_state
 
+    def _eager_row(self, values, sample_weight):
+        """torch: this step's `[loss, size, iterations, lr, grad_norm]`.
+
+        Plain torch calls, no Keras ops (each costs tens of microseconds in
+        eager mode) and no device sync: the tensors are converted at the end
+        of the epoch. The iteration and learning-rate variables change in
+        place, so their values are copied; a schedule's learning rate is
+        evaluated from the iterations then, for all steps at once.
+        """
+        opt = self._optimizer
+        lr_variable = getattr(opt, "_learning_rate", None)
+        iterations = learning_rate = float("nan")
+        if self._schedule is not None:
+            iterations = opt._iterations.value.detach().clone()
+        elif isinstance(lr_variable, keras.Variable):
+            learning_rate = lr_variable.value.detach().clone()
+        else:  # a callable learning rate
+            learning_rate = ops.cast(opt.learning_rate, "float32")
+        size = 1 if sample_weight is None else sample_weight
+        return [values.detach(), size, iterations, learning_rate, float("nan")]
+
     def _step_values(self, values, sample_weight):
         opt = self._optimizer
         loss = ops.reshape(ops.cast(values, "float32"), ())
@@ -421,10 +449,7 @@ class SpikeMonitor(keras.callbacks.Callback):
 
     def _record_step(self, values, sample_weight):
         if self._mode == "eager":
-            loss, size, iterations, lr = self._step_values(values, sample_weight)
-            self._eager_rows.append(
-                [loss.detach(), size, iterations, lr.detach().clone(), float("nan")]
-            )
+            self._eager_rows.append(self._eager_row(values, sample_weight))
         elif self._mode == "buffer":
             import tensorflow as tf
 
@@ -450,7 +475,16 @@ class SpikeMonitor(keras.callbacks.Callback):
             self._cursor.assign(cursor + 1)
 
     def _make_buffer(self):
-        self._capacity = 256  # small: XLA may copy the buffer on every write
+        # Room for a whole epoch (up to `_MAX_BUFFER_ROWS` steps) when `fit`
+        # knows its length, so that the buffer is read only at the end of each
+        # epoch: a read waits for the device, draining the queue of dispatched
+        # steps. The writes are in place (the variables are updated in place
+        # on TensorFlow, donated by the JAX trainer), whatever the capacity.
+        self._rows_per_call = self._steps_per_call()
+        epoch_steps = (self.params or {}).get("steps") or 0
+        self._capacity = int(
+            min(max(epoch_steps + self._rows_per_call, 256), _MAX_BUFFER_ROWS)
+        )
         self._read_cursor = 0
         self._since_flush = 0
         if self._mode == "jaxbuffer":
@@ -504,13 +538,7 @@ class SpikeMonitor(keras.callbacks.Callback):
         opt = self._optimizer
 
         def apply(grads, trainable_variables=None):
-            squares = [
-                ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads if g is not None
-            ]
-            if monitor.gradient_norm and squares:
-                norm = ops.sqrt(sum(squares))
-            else:
-                norm = ops.convert_to_tensor(float("nan"))
+            norm = monitor._global_norm(grads)
             if monitor._mode == "jaxbuffer":
                 monitor._stash = (
                     ops.cast(ops.convert_to_tensor(opt.iterations), "float32"),
@@ -522,6 +550,18 @@ class SpikeMonitor(keras.callbacks.Callback):
             return original(grads, trainable_variables)
 
         return apply
+
+    def _global_norm(self, grads):
+        """`sqrt(sum_i ||g_i||^2)` in float32 (NaN without `gradient_norm`)."""
+        grads = [g for g in grads if g is not None]
+        if not (self.gradient_norm and grads):
+            return ops.convert_to_tensor(float("nan"))
+        if self._mode == "eager":  # one fused torch call, not 3 ops per weight
+            import torch
+
+            return torch.nn.utils.get_total_norm(grads)
+        squares = [ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads]
+        return ops.sqrt(sum(squares))
 
     def _record_grad_norm(self, norm, iterations):
         if self._mode == "eager":
@@ -540,22 +580,39 @@ class SpikeMonitor(keras.callbacks.Callback):
 
             jax.debug.callback(receive, norm, ops.convert_to_tensor(iterations))
 
-    def _append_rows(self, rows):
-        """Adds finished steps of the current epoch: (loss, size, iter, lr, gn)."""
-        for loss, size, iterations, lr, grad_norm in rows:
+    def _append_rows(self, table):
+        """Adds finished steps of the current epoch.
+
+        `table` has one row per step: (loss, size, iterations, lr, grad norm).
+        """
+        for loss, size, _, lr, grad_norm in np.asarray(table, dtype="float64").tolist():
             self._rows.append(
                 {
                     "step": len(self._rows),
                     "epoch": self._epoch,
                     "batch": self._batch_in_epoch,
-                    "loss": _to_float(loss),
-                    "batch_size": _to_float(size),
-                    "learning_rate": _to_float(lr),
-                    "grad_norm": _to_float(grad_norm),
-                    "_iterations": _to_float(iterations),
+                    "loss": loss,
+                    "batch_size": size,
+                    "learning_rate": lr,
+                    "grad_norm": grad_norm,
                 }
             )
             self._batch_in_epoch += 1
+
+    def _eager_table(self, rows):
+        """torch: the recorded rows as one float64 array (a stack per column)."""
+        import torch
+
+        table = np.full((len(rows), 5), np.nan)
+        for j, column in enumerate(zip(*rows)):
+            if all(isinstance(value, torch.Tensor) for value in column):
+                stacked = torch.stack(column).reshape(len(rows))
+                table[:, j] = ops.convert_to_numpy(stacked.double())
+            else:  # Python numbers (or a mix)
+                table[:, j] = [_to_float(value) for value in column]
+        if self._schedule is not None:
+            table[:, 3] = self._schedule_values(table[:, 2])
+        return table
 
     def _collect(self):
         """Moves the steps recorded so far into `self._rows`."""
@@ -563,7 +620,8 @@ class SpikeMonitor(keras.callbacks.Callback):
             self._flush_buffer()
         elif self._mode == "eager":
             rows, self._eager_rows = self._eager_rows, []
-            self._append_rows(rows)
+            if rows:
+                self._append_rows(self._eager_table(rows))
         else:
             self._convert()
 
@@ -877,9 +935,9 @@ def _innermost(optimizer):
 
 
 def _to_float(value):
-    if isinstance(value, float):
-        return value
-    return float(np.asarray(value))
+    if isinstance(value, (int, float, np.generic)):
+        return float(value)
+    return float(ops.convert_to_numpy(value))  # also from a GPU tensor
 
 
 def _plain(value):

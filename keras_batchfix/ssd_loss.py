@@ -139,25 +139,28 @@ class SSDMultiboxLoss(NormalizedLoss):
 
     def _mine(self, cross_entropy, positives, negatives):
         """0/1 mask of the hard negatives, shape `(batch, anchors)`."""
+        axis = -1  # per image: a row of `top_k_mask` is an image
+        if self.mining == "batch":  # one row: the whole batch, (1, batch, anchors)
+            axis = None
+            # The scores are built in the row layout, not reshaped into it: a
+            # reshape between them and the 31 counting passes lets XLA fuse
+            # their computation (a strided read of `y_true`) into every pass
+            # (1.5x the whole loss's time on JAX, CPU).
+            cross_entropy = ops.expand_dims(cross_entropy, 0)
+            negatives = ops.expand_dims(negatives, 0)
         is_negative = negatives > 0
         # Ranking scores: >= 0 for negatives, -1 for everything else.
         scores = ops.where(
             is_negative, ops.maximum(ops.stop_gradient(cross_entropy), 0.0), -1.0
         )
-        if self.mining == "batch":  # one row: the whole batch
-            axis = None
-            rows = ops.expand_dims(scores, 0)
-        else:
-            axis = -1
-            rows = scores
         wanted = ops.maximum(
             ops.floor(self.neg_pos_ratio * ops.sum(positives, axis=axis)),
             float(self.n_neg_min),
         )
         available = ops.sum(ops.cast(is_negative, "float32"), axis=axis)
         k = ops.cast(ops.minimum(wanted, available), "int32")
-        mask = top_k_mask(rows, ops.reshape(k, (-1,)))
-        return ops.cast(ops.reshape(mask, ops.shape(scores)), cross_entropy.dtype)
+        mask = top_k_mask(scores, ops.reshape(k, (-1,)))
+        return ops.cast(ops.reshape(mask, ops.shape(positives)), cross_entropy.dtype)
 
     def _check_shapes(self, y_true, y_pred):
         true_shape, pred_shape = tuple(y_true.shape), tuple(y_pred.shape)

@@ -10,6 +10,7 @@ import pytest
 from keras import ops
 
 import keras_batchfix
+from keras_batchfix import spike_monitor
 from keras_batchfix.spike_monitor import attribute_spikes
 from keras_batchfix.spike_monitor import detect_spikes
 from tests.training import strategy_scope
@@ -262,9 +263,16 @@ def read_events(folder):
     return found
 
 
-def test_long_epochs_wrap_the_step_buffer():
-    # 300 steps per epoch: more than the ring buffer holds, so it is read
-    # mid-epoch and wraps around; the losses must still be the batches'.
+@pytest.mark.parametrize("max_rows", [None, 64])
+def test_long_epochs(max_rows, monkeypatch):
+    # 300 steps per epoch. By default the buffer has room for the epoch and is
+    # read at its end (and at the end of `fit`); with room for only 64 steps
+    # (as for epochs longer than the maximum) it is read mid-epoch and wraps
+    # around. The losses must be the batches' either way.
+    if keras.backend.backend() == "torch":
+        pytest.skip("torch keeps its steps in a list, no buffer")
+    if max_rows is not None:
+        monkeypatch.setattr(spike_monitor, "_MAX_BUFFER_ROWS", max_rows)
     rng = np.random.default_rng(6)
     x = rng.normal(size=(600, 2)).astype("float32")
     y = rng.normal(size=(600, 1)).astype("float32")
@@ -272,11 +280,15 @@ def test_long_epochs_wrap_the_step_buffer():
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
     monitor = keras_batchfix.SpikeMonitor(verbose=0)
+    reads = []
+    flush = monitor._flush_buffer
+    monkeypatch.setattr(monitor, "_flush_buffer", lambda: reads.append(1) or flush())
     model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
     w, b = model.get_weights()
     expected = np.mean(((x @ w + b - y) ** 2).reshape(300, 2), axis=1)
     np.testing.assert_allclose(monitor.steps["loss"], expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(monitor.steps["batch"], np.arange(300))
+    assert len(reads) == (2 if max_rows is None else 2 + 300 // 64)
 
 
 def lr_zero_fit(monitor, batch_size, strategy=None, **compile_kwargs):
