@@ -13,7 +13,9 @@ the fastest epoch of a configuration by the fastest baseline epoch: on a busy
 machine, where other work only ever adds time, it is the steadier estimate.
 "cpu ratio" is the median of paired ratios of the process's CPU time per
 epoch (all threads): other processes' load inflates it far less than wall
-time, so it is the estimate to read on a shared machine. "hooks" is the share
+time, so it is the estimate to read on a shared machine. "baseline again" is
+a second model identical to the baseline, measured the same way: how far its
+ratios stray from 1 is how much of any other ratio is noise. "hooks" is the share
 of the timed epoch spent in the monitor's own Python code (its hooks and, on
 torch, the per-step recording; see `HookTimer`): measured inside the same
 steps, it is immune to the drift that blurs the ratios, and on torch it is the
@@ -37,6 +39,7 @@ TIMED_EPOCHS = 3  # per `fit`, after one that includes tracing
 
 CONFIGS = (
     "baseline",
+    "baseline again",  # a second, identical model: the run's noise floor
     "compensate(mse)",
     "SpikeMonitor",
     "SpikeMonitor(gradient_norm=True)",

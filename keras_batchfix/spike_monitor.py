@@ -421,9 +421,9 @@ class SpikeMonitor(keras.callbacks.Callback):
     def _eager_row(self, values, sample_weight):
         """torch: this step's `[loss, size, iterations, lr, grad_norm]`.
 
-        Plain torch calls, no Keras ops (each costs tens of microseconds in
-        eager mode) and no device sync: the tensors are converted at the end
-        of the epoch. The iteration and learning-rate variables change in
+        Plain torch calls, not Keras ops (each of which converts and checks
+        its arguments in Python), and no device sync: the tensors are
+        converted at the end of the epoch. The iteration and learning-rate variables change in
         place, so their values are copied; a schedule's learning rate is
         evaluated from the iterations then, for all steps at once.
         """
@@ -439,13 +439,12 @@ class SpikeMonitor(keras.callbacks.Callback):
         size = 1 if sample_weight is None else sample_weight
         return [values.detach(), size, iterations, learning_rate, float("nan")]
 
-    def _step_values(self, values, sample_weight):
-        opt = self._optimizer
+    @staticmethod
+    def _loss_and_size(values, sample_weight):
+        """The step's loss and batch size as float32 scalars (compiled modes)."""
         loss = ops.reshape(ops.cast(values, "float32"), ())
         size = ops.cast(1 if sample_weight is None else sample_weight, "float32")
-        iterations = ops.cast(opt.iterations, "float32")
-        learning_rate = ops.cast(opt.learning_rate, "float32")
-        return loss, size, iterations, learning_rate
+        return loss, size
 
     def _record_step(self, values, sample_weight):
         if self._mode == "eager":
@@ -453,8 +452,14 @@ class SpikeMonitor(keras.callbacks.Callback):
         elif self._mode == "buffer":
             import tensorflow as tf
 
+            opt = self._optimizer
             row = tf.stack(
-                list(self._step_values(values, sample_weight)) + [float("nan")]
+                [
+                    *self._loss_and_size(values, sample_weight),
+                    ops.cast(opt.iterations, "float32"),
+                    ops.cast(opt.learning_rate, "float32"),
+                    float("nan"),
+                ]
             )
             index = self._cursor % self._capacity
             self._buffer[index].assign(tf.cast(row, tf.float64))
@@ -462,8 +467,7 @@ class SpikeMonitor(keras.callbacks.Callback):
         elif self._mode == "jaxbuffer" and self._stash is not None:
             iterations, lr, norm = self._stash
             self._stash = None
-            loss = ops.reshape(ops.cast(values, "float32"), ())
-            size = ops.cast(1 if sample_weight is None else sample_weight, "float32")
+            loss, size = self._loss_and_size(values, sample_weight)
             row = ops.stack([loss, size, iterations, lr, norm])
             cursor = self._cursor.value
             index = ops.mod(cursor, self._capacity)
