@@ -11,7 +11,7 @@ import argparse
 import os
 
 import numpy as np
-from harness import emit, interleaved_medians, run_worker
+from harness import emit, interleaved_medians, run_worker, torch_device, torch_synchronized
 
 FEATURES, BATCH = 512, 256
 
@@ -28,17 +28,18 @@ def reference_step(num_classes, x, labels):
 
     from tests.references.torch_center_loss import TorchCenterLoss
 
-    center = TorchCenterLoss(num_classes, x.shape[1])
+    device = torch_device()
+    center = TorchCenterLoss(num_classes, x.shape[1]).to(device)
     optimizer = center.make_optimizer(alpha=0.5)
-    labels = torch.as_tensor(labels).long()
+    labels = torch.as_tensor(labels, device=device).long()
 
     def step():
-        features = torch.tensor(x, requires_grad=True)
+        features = torch.tensor(x, requires_grad=True, device=device)
         optimizer.zero_grad()
         (0.01 * center(features, labels)).backward()
         optimizer.step()
 
-    return {"torch reference": step}
+    return {"torch reference": torch_synchronized(step)}
 
 
 def keras_steps(num_classes, x, labels):
@@ -93,14 +94,15 @@ def keras_steps(num_classes, x, labels):
     if backend == "torch":
         import torch
 
-        labels_t = torch.as_tensor(labels)
+        device = torch_device()
+        labels_t = torch.as_tensor(labels, device=device)
 
         def step():
-            features = torch.tensor(x, requires_grad=True)
+            features = torch.tensor(x, requires_grad=True, device=device)
             layer([features, labels_t], training=True)
             sum(layer.losses).backward()
 
-        return {"torch eager": step}
+        return {"torch eager": torch_synchronized(step)}
     raise NotImplementedError(backend)
 
 

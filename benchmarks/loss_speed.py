@@ -20,6 +20,11 @@ Each backend runs in its own process (Keras picks its backend at import).
     python benchmarks/loss_speed.py             # B = 8, 32, 128; 8732 anchors
     python benchmarks/loss_speed.py --batch-sizes 32 --repeats 15
     python benchmarks/loss_speed.py --quick     # small shapes, a smoke run
+    python benchmarks/loss_speed.py --backends jax torch --no-memory   # on a GPU
+
+On a GPU (JAX or torch; the torch reference then runs there too, each step
+followed by `torch.cuda.synchronize()`), the peak-memory pass would measure
+host memory, so skip it with `--no-memory`.
 """
 
 import argparse
@@ -30,6 +35,8 @@ from harness import (
     interleaved_medians,
     peak_step_bytes,
     run_worker,
+    torch_device,
+    torch_synchronized,
     value_and_grad_steps,
 )
 
@@ -80,15 +87,17 @@ def torch_reference_steps(y_true, y_pred):
 
     from tests.references.torch_multibox import multibox_loss
 
-    t = torch.tensor(y_true)
+    device = torch_device()
+    t = torch.tensor(y_true, device=device)
 
     def step(mining):
-        p = torch.tensor(y_pred, requires_grad=True)
+        p = torch.tensor(y_pred, requires_grad=True, device=device)
         multibox_loss(t, p, NUM_CLASSES, mining=mining, from_logits=True).backward()
 
     return {
         "torch ref": {
-            mode: (lambda mode=mode: step(mode)) for mode in ("batch", "per_image")
+            mode: torch_synchronized(lambda mode=mode: step(mode))
+            for mode in ("batch", "per_image")
         }
     }
 
@@ -133,6 +142,10 @@ def main():
     parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax", "torch"])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-memory", action="store_true",
+        help="skip the peak-memory pass (it measures host memory: use on a GPU)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.anchors, args.batch_sizes, args.repeats = 500, [4], 2
@@ -145,7 +158,7 @@ def main():
     ]
     script = os.path.abspath(__file__)
     seconds = {b: run_worker(script, b, arguments) for b in args.backends}
-    peaks = {
+    peaks = {} if args.no_memory else {
         w: run_worker(script, w, [*arguments, "--memory"], memory=True)
         for w in ["reference", *args.backends]
     }
@@ -155,24 +168,30 @@ def main():
     print(f"{'B':>4} {'backend/mode':<13} {'mining':<10} {'median ms':>10} "
           f"{'/ torch ref':>11} {'/ floor':>8} {'peak MiB':>9} {'/ torch ref':>11}")
     for batch_size in map(str, args.batch_sizes):
-        ref_peak = peaks["reference"][batch_size]["torch ref"]
         for backend in args.backends:
             timed = seconds[backend][batch_size]
             ref = timed["torch ref"]
             for mode, named in timed.items():
                 floor = named.get("floor")
                 for mining in ("batch", "per_image"):
-                    peak = next(
-                        p[batch_size][mode][mining] for p in peaks.values()
-                        if mode in p[batch_size]
-                    )
                     versus_floor = "" if floor is None else f"{named[mining] / floor:.2f}"
                     print(
                         f"{batch_size:>4} {mode:<13} {mining:<10} "
                         f"{named[mining] * 1e3:>10.1f} "
                         f"{named[mining] / ref[mining]:>11.2f} {versus_floor:>8} "
-                        f"{peak / 2**20:>9.1f} {peak / ref_peak[mining]:>11.2f}"
+                        f"{_peak_columns(peaks, batch_size, mode, mining)}"
                     )
+
+
+def _peak_columns(peaks, batch_size, mode, mining):
+    """The peak MiB and its ratio to the reference's, or dashes without them."""
+    if not peaks:
+        return f"{'-':>9} {'-':>11}"
+    peak = next(
+        p[batch_size][mode][mining] for p in peaks.values() if mode in p[batch_size]
+    )
+    ref_peak = peaks["reference"][batch_size]["torch ref"][mining]
+    return f"{peak / 2**20:>9.1f} {peak / ref_peak:>11.2f}"
 
 
 if __name__ == "__main__":
