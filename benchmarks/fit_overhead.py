@@ -20,6 +20,8 @@ of the timed epoch spent in the monitor's own Python code (its hooks and, on
 torch, the per-step recording; see `HookTimer`): measured inside the same
 steps, it is immune to the drift that blurs the ratios, and on torch it is the
 monitor's whole cost but for what the interpreter and allocator do around it.
+On JAX the run also counts the operations of the traced loss (`compute_loss`)
+for the baseline and `compensate`: a count, not a time, exact on any machine.
 
     python benchmarks/fit_overhead.py            # all three backends
     python benchmarks/fit_overhead.py --backends jax --repeats 9
@@ -154,9 +156,16 @@ def worker(args):
                 )
     base = step_times["baseline"]
     cpu_base = cpu_times["baseline"]
+    loss_ops = {}
+    if keras.backend.backend() == "jax":
+        loss_ops = {
+            name: traced_loss_ops(models[name], x, y)
+            for name in ("baseline", "compensate(mse)")
+        }
     emit(
         {
             name: {
+                "loss_ops": loss_ops.get(name),
                 "step_us": statistics.median(step_times[name]) * 1e6,
                 "ratio": statistics.median(
                     t / b for t, b in zip(step_times[name], base)
@@ -170,6 +179,24 @@ def worker(args):
             for name in CONFIGS
         }
     )
+
+
+def traced_loss_ops(model, x, y):
+    """Operations in the loss of a train step as traced (JAX): `compute_loss`.
+
+    A count, not a time: the same on every machine and every run, so it
+    settles what wall times on a shared machine cannot (a loss with fewer
+    operations than Keras's own reduction adds no work).
+    """
+    import jax
+
+    y_pred = model.predict(x[:32], verbose=0)
+    jaxpr = jax.make_jaxpr(
+        lambda y_true, y_pred: model.compute_loss(
+            x=None, y=y_true, y_pred=y_pred, training=True
+        )
+    )(y[:32], y_pred)
+    return len(jaxpr.jaxpr.eqns)
 
 
 def main():
@@ -203,15 +230,23 @@ def main():
         f"{'backend':11s} {'configuration':34s} {'step (us)':>10s} {'ratio':>7s}"
         f" {'min ratio':>9s} {'cpu ratio':>9s} {'hooks':>6s}"
     )
+    loss_ops = {}
     for backend in args.backends.split(","):
         results = run_worker(os.path.abspath(__file__), backend, forwarded)
         for name in CONFIGS:
             row = results[name]
+            if row["loss_ops"] is not None:
+                loss_ops[name] = row["loss_ops"]
             print(
                 f"{backend:11s} {name:34s} {row['step_us']:10.1f} {row['ratio']:7.3f}"
                 f" {row['min_ratio']:9.3f} {row['cpu_ratio']:9.3f}"
                 f" {100 * row['hooks']:5.2f}%"
             )
+    if loss_ops:
+        base = loss_ops["baseline"]
+        print("operations in the traced loss (JAX jaxpr equations): " + ", ".join(
+            f"{name} {count} ({count / base:.2f}x)" for name, count in loss_ops.items()
+        ))
 
 
 if __name__ == "__main__":
