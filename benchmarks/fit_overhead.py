@@ -21,7 +21,9 @@ torch, the per-step recording; see `HookTimer`): measured inside the same
 steps, it is immune to the drift that blurs the ratios, and on torch it is the
 monitor's whole cost but for what the interpreter and allocator do around it.
 On JAX the run also counts the operations of the traced loss (`compute_loss`)
-for the baseline and `compensate`: a count, not a time, exact on any machine.
+for the baseline and `compensate` (a count, not a time, exact on any machine),
+and times the monitored model's compiled train step alone, outside `fit`,
+against the baseline's (`jax_compiled_step_ratio`).
 
     python benchmarks/fit_overhead.py            # all three backends
     python benchmarks/fit_overhead.py --backends jax --repeats 9
@@ -156,16 +158,23 @@ def worker(args):
                 )
     base = step_times["baseline"]
     cpu_base = cpu_times["baseline"]
-    loss_ops = {}
+    loss_ops, compiled = {}, {}
     if keras.backend.backend() == "jax":
         loss_ops = {
             name: traced_loss_ops(models[name], x, y)
             for name in ("baseline", "compensate(mse)")
         }
+        compiled = {
+            "SpikeMonitor": jax_compiled_step_ratio(
+                make_model, x[: args.batch_size], y[: args.batch_size],
+                rounds=max(3, 4 * args.repeats),
+            )
+        }
     emit(
         {
             name: {
                 "loss_ops": loss_ops.get(name),
+                "compiled_step_ratio": compiled.get(name),
                 "step_us": statistics.median(step_times[name]) * 1e6,
                 "ratio": statistics.median(
                     t / b for t, b in zip(step_times[name], base)
@@ -178,6 +187,56 @@ def worker(args):
             }
             for name in CONFIGS
         }
+    )
+
+
+def jax_compiled_step_ratio(make_model, x, y, rounds, steps=100):
+    """JAX: the monitored model's compiled train step against the baseline's.
+
+    Each model's `train_function` (the jitted step that `fit` calls) is called
+    directly on one batch, `steps` steps in turn with the other model's, for
+    `rounds` rounds: no data pipeline, no callbacks, no `fit` loop, so this is
+    what the recording adds to the step itself. The state is gathered with
+    the trainer's `_get_jax_state`, as `fit` does. Median of paired ratios.
+    """
+    import jax
+    import keras
+
+    import keras_batchfix
+
+    batch = (jax.numpy.asarray(x), jax.numpy.asarray(y))
+
+    class OneBatch:
+        def __next__(self):
+            return batch
+
+    runs = {}
+    monitor = keras_batchfix.SpikeMonitor(verbose=0)
+    for name in ("baseline", "SpikeMonitor"):
+        model = make_model("baseline")
+        model.fit(x, y, verbose=0)  # builds the model and its train function
+        if name == "SpikeMonitor":
+            monitor.set_model(model)
+            monitor.set_params({"epochs": 1, "steps": steps})
+            monitor.on_train_begin()  # patches and retraces; the model is thrown away
+        state = model._get_jax_state(
+            trainable_variables=True, non_trainable_variables=True,
+            optimizer_variables=True, metrics_variables=True,
+            purge_model_variables=True,
+        )
+        runs[name] = [model, state, []]
+    for _ in range(rounds):
+        for run in runs.values():
+            model, state, times = run
+            start = time.perf_counter()
+            for _ in range(steps):
+                _, state = model.train_function(state, OneBatch())
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - start)
+            run[1] = state
+    base = runs["baseline"][2]
+    return statistics.median(
+        t / b for t, b in zip(runs["SpikeMonitor"][2], base)
     )
 
 
@@ -241,6 +300,11 @@ def main():
                 f"{backend:11s} {name:34s} {row['step_us']:10.1f} {row['ratio']:7.3f}"
                 f" {row['min_ratio']:9.3f} {row['cpu_ratio']:9.3f}"
                 f" {100 * row['hooks']:5.2f}%"
+            )
+        if backend == "jax":
+            print(
+                f"jax: the SpikeMonitor's compiled train step alone (outside fit)"
+                f" against the baseline's: {results['SpikeMonitor']['compiled_step_ratio']:.3f}"
             )
     if loss_ops:
         base = loss_ops["baseline"]
