@@ -18,13 +18,14 @@ sample_weight=batch_size)`):
   2**16 steps or of unknown length, before it could overflow). The loss is
   the step's own float32 value: exact.
 * torch: the same wrapper keeps the step's values as tensors (the step runs
-  eagerly; no device sync per step; plain torch calls, about 10 us a step),
+  eagerly; no device sync per step; plain torch calls, 10-15 us a step),
   converted at the end of each epoch. Exact.
-* JAX: the jitted step is stateless, so the ring buffer is made of two
-  variables added to the loss tracker for the duration of `fit` (they travel
-  in the trainer's metrics state and are removed at the end); the step's
-  iteration and LR are taken in `optimizer.apply`, where the optimizer's
-  state is mapped, and written by the tracker wrapper. Exact.
+* JAX: the jitted step is stateless, so the ring buffer is a variable added
+  to the loss tracker for the duration of `fit` (it travels in the trainer's
+  metrics state and is removed at the end), written at the optimizer's
+  iteration count modulo its size; the step's iteration and LR are taken in
+  `optimizer.apply`, where the optimizer's state is mapped, and written by
+  the tracker wrapper. Exact.
 * Fallback (TensorFlow under `tf.distribute`, where replica-local writes are
   not possible; JAX with a `LossScaleOptimizer`): the monitor reads the
   tracker's `total` (sum of `loss_t * b_t`) and `count` (sum of `b_t`)
@@ -398,10 +399,7 @@ class SpikeMonitor(keras.callbacks.Callback):
         if self._mode == "jaxbuffer":
             tracker = self._bare_model()._loss_tracker
             # By identity: `list.remove` would compare variables elementwise.
-            tracker._variables[:] = [
-                v for v in tracker._variables
-                if v is not self._buffer and v is not self._cursor
-            ]
+            tracker._variables[:] = [v for v in tracker._variables if v is not self._buffer]
         if self._patches:
             self.model.train_function = None  # the next fit traces a clean one
             self.model.test_function = None
@@ -423,9 +421,10 @@ class SpikeMonitor(keras.callbacks.Callback):
 
         Plain torch calls, not Keras ops (each of which converts and checks
         its arguments in Python), and no device sync: the tensors are
-        converted at the end of the epoch. The iteration and learning-rate variables change in
-        place, so their values are copied; a schedule's learning rate is
-        evaluated from the iterations then, for all steps at once.
+        converted at the end of the epoch. The iteration and learning-rate
+        variables change in place, so their values are copied; a schedule's
+        learning rate is evaluated from the iterations then, for all steps at
+        once.
         """
         opt = self._optimizer
         lr_variable = getattr(opt, "_learning_rate", None)
@@ -468,15 +467,17 @@ class SpikeMonitor(keras.callbacks.Callback):
             iterations, lr, norm = self._stash
             self._stash = None
             loss, size = self._loss_and_size(values, sample_weight)
-            row = ops.stack([loss, size, iterations, lr, norm])
-            cursor = self._cursor.value
-            index = ops.mod(cursor, self._capacity)
+            row = ops.stack([loss, size, ops.cast(iterations, "float32"), lr, norm])
+            # The write position is the optimizer's iteration count (one per
+            # step): no cursor variable, one array fewer for every step to
+            # pass in and out (what the recording costs on JAX is mostly
+            # those arrays, see `benchmarks/fit_overhead.py`).
+            index = ops.mod(ops.cast(iterations, "int32"), self._capacity)
             self._buffer.assign(
                 ops.slice_update(
                     self._buffer.value, (index, ops.zeros((), "int32")), row[None, :]
                 )
             )
-            self._cursor.assign(cursor + 1)
 
     def _make_buffer(self):
         # Room for a whole epoch (up to `_MAX_BUFFER_ROWS` steps) when `fit`
@@ -492,15 +493,14 @@ class SpikeMonitor(keras.callbacks.Callback):
         self._read_cursor = 0
         self._since_flush = 0
         if self._mode == "jaxbuffer":
-            # Variables of the loss tracker travel in the JAX trainer's state
-            # (and are removed again at the end of `fit`).
+            # A variable of the loss tracker travels in the JAX trainer's state
+            # (and is removed again at the end of `fit`). Rows are written at
+            # `iterations % capacity`: the read cursor starts at `iterations`.
             tracker = self._bare_model()._loss_tracker
             self._buffer = tracker.add_variable(
                 (self._capacity, 5), "zeros", dtype="float32", name="spike_monitor_steps"
             )
-            self._cursor = tracker.add_variable(
-                (), "zeros", dtype="int32", name="spike_monitor_cursor"
-            )
+            self._read_cursor = int(ops.convert_to_numpy(self._optimizer.iterations))
             return
         import tensorflow as tf
 
@@ -508,18 +508,23 @@ class SpikeMonitor(keras.callbacks.Callback):
         self._cursor = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     def _buffer_values(self):
-        """(cursor, table) now, as NumPy."""
+        """(rows written so far, table) now, as NumPy.
+
+        On JAX the rows written are counted by the optimizer's iterations.
+        """
         if self._mode == "buffer":
             return int(self._cursor.numpy()), self._buffer.numpy()
         model = self._bare_model()
+        iterations = self._optimizer._iterations
         state = getattr(model, "_jax_state", None)
         if state and not getattr(model, "_jax_state_synced", True):
-            variables = model.metrics_variables
-            i = next(i for i, v in enumerate(variables) if v is self._cursor)
-            j = next(i for i, v in enumerate(variables) if v is self._buffer)
-            values = state["metrics_variables"]
-            return int(np.asarray(values[i])), np.asarray(values[j])
-        return int(np.asarray(self._cursor.value)), np.asarray(self._buffer.value)
+            i = _index_of(iterations, model.optimizer.variables)
+            j = _index_of(self._buffer, model.metrics_variables)
+            return (
+                int(np.asarray(state["optimizer_variables"][i])),
+                np.asarray(state["metrics_variables"][j]),
+            )
+        return int(np.asarray(iterations.value)), np.asarray(self._buffer.value)
 
     def _steps_per_call(self):
         return max(1, int(getattr(self._bare_model(), "steps_per_execution", 1) or 1))
@@ -545,7 +550,7 @@ class SpikeMonitor(keras.callbacks.Callback):
             norm = monitor._global_norm(grads)
             if monitor._mode == "jaxbuffer":
                 monitor._stash = (
-                    ops.cast(ops.convert_to_tensor(opt.iterations), "float32"),
+                    ops.convert_to_tensor(opt.iterations),
                     ops.cast(opt.learning_rate, "float32"),
                     ops.cast(norm, "float32"),
                 )
@@ -660,9 +665,7 @@ class SpikeMonitor(keras.callbacks.Callback):
             "optimizer_variables": list(model.optimizer.variables),
         }
         for key, (var, kind) in self._vars.items():
-            self._index[key] = next(
-                (i for i, v in enumerate(lists[kind]) if v is var), None
-            )
+            self._index[key] = _index_of(var, lists[kind])
 
     def _values(self):
         """(total, count, iterations, lr) now: arrays (JAX state) or floats."""
@@ -930,6 +933,11 @@ class SpikeMonitor(keras.callbacks.Callback):
         writer.flush()
         writer.close()
         return log_dir
+
+
+def _index_of(variable, variables):
+    """Position of `variable` in `variables`, by identity (None if absent)."""
+    return next((i for i, v in enumerate(variables) if v is variable), None)
 
 
 def _innermost(optimizer):

@@ -291,8 +291,11 @@ def test_long_epochs(max_rows, monkeypatch):
     assert len(reads) == (2 if max_rows is None else 2 + 300 // 64)
 
 
-def lr_zero_fit(monitor, batch_size, strategy=None, **compile_kwargs):
-    """Fits a frozen (LR 0) linear model; returns the per-batch MSE it had."""
+def lr_zero_fit(monitor, batch_size, strategy=None, earlier_fits=0, **compile_kwargs):
+    """Fits a frozen (LR 0) linear model; returns the per-batch MSE it had.
+
+    `earlier_fits` unmonitored one-epoch fits come first.
+    """
     rng = np.random.default_rng(7)
     x = rng.normal(size=(100, 3)).astype("float32")
     y = rng.normal(size=(100, 2)).astype("float32")
@@ -300,6 +303,8 @@ def lr_zero_fit(monitor, batch_size, strategy=None, **compile_kwargs):
     with strategy_scope(strategy):
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
         model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", **compile_kwargs)
+    for _ in range(earlier_fits):
+        model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
     model.fit(
         x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0,
         callbacks=[monitor],
@@ -307,6 +312,18 @@ def lr_zero_fit(monitor, batch_size, strategy=None, **compile_kwargs):
     w, b = model.get_weights()
     per_sample = np.mean((x @ w + b - y) ** 2, axis=1)
     return [per_sample[i : i + batch_size] for i in range(0, 100, batch_size)]
+
+
+def test_a_model_that_trained_before(recording_mode):
+    # The optimizer's iteration count does not start at 0 (on JAX the buffer
+    # is written at that count): only this fit's batches are recorded.
+    monitor = keras_batchfix.SpikeMonitor(verbose=0)
+    batches = lr_zero_fit(monitor, 16, earlier_fits=2)
+    expected = [np.mean(batch) for batch in batches]
+    np.testing.assert_allclose(monitor.steps["loss"], expected * 2, rtol=1e-5)
+    np.testing.assert_array_equal(
+        monitor.steps["batch_size"], [len(batch) for batch in batches] * 2
+    )
 
 
 @pytest.mark.skipif(
