@@ -4,26 +4,26 @@ Each backend runs in its own process (see `harness.run_worker`). There, a
 small MLP is trained with `fit` on Keras's `"mse"` (the baseline), on
 `compensate(keras.losses.MeanSquaredError())` (the wrapper's cost: its own
 reduction instead of Keras's), with `SpikeMonitor`, and with
-`SpikeMonitor(gradient_norm=True)`, all interleaved. Each `fit` runs
-four epochs and the last three are timed (the first includes tracing). The
-ratio of a configuration is the median over timed epochs of its step time
-divided by the baseline's step time in the same epoch of the same repeat
-(pairs measured close in time cancel most of the drift of a shared machine). "min ratio" divides
-the fastest epoch of a configuration by the fastest baseline epoch: on a busy
-machine, where other work only ever adds time, it is the steadier estimate.
-"cpu ratio" is the median of paired ratios of the process's CPU time per
-epoch (all threads): other processes' load inflates it far less than wall
-time, so it is the estimate to read on a shared machine. "baseline again" is
-a second model identical to the baseline, measured the same way: how far its
-ratios stray from 1 is how much of any other ratio is noise. "hooks" is the share
-of the timed epoch spent in the monitor's own Python code (its hooks and, on
-torch, the per-step recording; see `HookTimer`): measured inside the same
-steps, it is immune to the drift that blurs the ratios, and on torch it is the
-monitor's whole cost but for what the interpreter and allocator do around it.
-On JAX the run also counts the operations of the traced loss (`compute_loss`)
-for the baseline and `compensate` (a count, not a time, exact on any machine),
-and times the monitored model's compiled train step alone, outside `fit`,
-against the baseline's (`jax_compiled_step_ratio`).
+`SpikeMonitor(gradient_norm=True)`, all interleaved. Each `fit` runs four
+epochs and the last three are timed (the first includes tracing). The ratio of
+a configuration is the median over timed epochs of its step time divided by
+the baseline's step time in the same epoch of the same repeat (pairs measured
+close in time cancel most of the drift of a shared machine). "min ratio"
+divides the fastest epoch of a configuration by the fastest baseline epoch: on
+a busy machine, where other work only ever adds time, it is the steadier
+estimate. "cpu ratio" is the median of paired ratios of the process's CPU time
+per epoch (all threads): other processes' load inflates it far less than wall
+time, so it is the estimate to read on a shared machine. "baseline again" is a
+second model identical to the baseline, measured the same way: how far its
+ratios stray from 1 is how much of any other ratio is noise. "hooks" is the
+share of the timed epoch spent in the monitor's own Python code (its hooks
+and, on torch, the per-step recording; see `HookTimer`): measured inside the
+same steps, it is immune to the drift that blurs the ratios, and on torch it
+is the monitor's whole cost but for what the interpreter and allocator do
+around it. On JAX the run also counts the operations of the traced loss
+(`compute_loss`) for the baseline and `compensate` (a count, not a time, exact
+on any machine), and times the monitored model's compiled train step alone,
+outside `fit`, against the baseline's (`jax_compiled_step_ratio`).
 
     python benchmarks/fit_overhead.py            # all three backends
     python benchmarks/fit_overhead.py --backends jax --repeats 9
@@ -200,7 +200,6 @@ def jax_compiled_step_ratio(make_model, x, y, rounds, steps=100):
     the trainer's `_get_jax_state`, as `fit` does. Median of paired ratios.
     """
     import jax
-    import keras
 
     import keras_batchfix
 
