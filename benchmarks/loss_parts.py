@@ -7,7 +7,9 @@ compiled modes of one backend, beside the torch reference:
 * `log-partition`: `sum(logsumexp(class scores))`;
 * `target dot`: `sum(y_true * y_pred)` over the class columns (a 21-of-25
   slice of the last axis, and its gradient padded back);
-* `cross-entropy`: both together, as the loss computes it;
+* `cross-entropy`: as the loss computes it on this backend, and each of its
+  two forms (`ssd_loss.softmax_cross_entropy` picks one per backend):
+  `CE via log-partition` (both parts above) and `CE via log_softmax`;
 * `smooth L1`: the box term over all anchors;
 * `floor`: cross-entropy + smooth L1 (`loss_speed.floor_loss`);
 * `batch` / `per_image`: the whole loss.
@@ -25,7 +27,8 @@ def parts():
     from keras import ops
 
     from keras_batchfix import SSDMultiboxLoss
-    from keras_batchfix.ssd_loss import log_partition, smooth_l1, softmax_cross_entropy
+    from keras_batchfix import ssd_loss
+    from keras_batchfix.ssd_loss import log_partition, smooth_l1
 
     n = NUM_CLASSES
 
@@ -35,8 +38,10 @@ def parts():
     def target_dot(y_true, y_pred):
         return ops.sum(y_true[..., :n] * y_pred[..., :n])
 
-    def cross_entropy(y_true, y_pred):
-        return ops.sum(softmax_cross_entropy(y_true[..., :n], y_pred[..., :n]))
+    def summed(cross_entropy):
+        return lambda y_true, y_pred: ops.sum(
+            cross_entropy(y_true[..., :n], y_pred[..., :n])
+        )
 
     def smooth_l1_sum(y_true, y_pred):
         return ops.sum(smooth_l1(y_pred[..., n : n + 4] - y_true[..., n : n + 4]))
@@ -44,7 +49,9 @@ def parts():
     return {
         "log-partition": log_partition_sum,
         "target dot": target_dot,
-        "cross-entropy": cross_entropy,
+        "cross-entropy": summed(ssd_loss.softmax_cross_entropy),
+        "CE via log-partition": summed(ssd_loss.cross_entropy_via_log_partition),
+        "CE via log_softmax": summed(ssd_loss.cross_entropy_via_log_softmax),
         "smooth L1": smooth_l1_sum,
         "floor": floor_loss,
         "batch": SSDMultiboxLoss(n, from_logits=True),
@@ -70,7 +77,7 @@ def main():
     print(f"B={args.batch_size}, {args.anchors} anchors: median ms of "
           f"{args.repeats}, forward + backward")
     for (mode, name), seconds in interleaved_medians(steps, args.repeats).items():
-        print(f"{mode:<12} {name:<14} {seconds * 1e3:8.1f}")
+        print(f"{mode:<12} {name:<21} {seconds * 1e3:8.1f}")
 
 
 if __name__ == "__main__":

@@ -201,13 +201,29 @@ class SSDMultiboxLoss(NormalizedLoss):
 
 
 def softmax_cross_entropy(targets, logits):
-    """`-sum_c t_c log softmax(s)_c = sum_c t_c * logsumexp(s) - sum_c t_c s_c`.
+    """`-sum_c t_c log softmax(s)_c`, over the last axis.
 
-    Over the last axis, without materializing the log-softmax tensor.
+    Compiled (TensorFlow, JAX), `cross_entropy_via_log_partition`: XLA fuses
+    it without materializing the log-softmax tensor. The torch backend runs
+    every op as its own kernel, and there torch's fused `log_softmax` is
+    faster: `cross_entropy_via_log_softmax`. `benchmarks/loss_parts.py` times
+    both on a backend.
     """
+    if keras.backend.backend() == "torch":
+        return cross_entropy_via_log_softmax(targets, logits)
+    return cross_entropy_via_log_partition(targets, logits)
+
+
+def cross_entropy_via_log_partition(targets, logits):
+    """`sum_c t_c * logsumexp(s) - sum_c t_c s_c` (see `log_partition`)."""
     return ops.sum(targets, axis=-1) * log_partition(logits) - ops.sum(
         targets * logits, axis=-1
     )
+
+
+def cross_entropy_via_log_softmax(targets, logits):
+    """`-sum_c t_c log_softmax(s)_c`, materializing the log-softmax."""
+    return -ops.sum(targets * ops.log_softmax(logits, axis=-1), axis=-1)
 
 
 def log_partition(scores):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from keras_batchfix import SSDMultiboxLoss
+from keras_batchfix import ssd_loss
 from keras_batchfix.ssd_loss import top_k_mask
 from tests.gradients import value_and_grad
 from tests.ssd_data import random_batch
@@ -150,6 +151,22 @@ def test_model_save_round_trip(tmp_path):
     np.testing.assert_allclose(
         restored.test_on_batch(y_pred, y_true), model.test_on_batch(y_pred, y_true)
     )
+
+
+@pytest.mark.parametrize(
+    "form", ["cross_entropy_via_log_partition", "cross_entropy_via_log_softmax"]
+)
+def test_both_cross_entropy_forms_match_numpy(form):
+    # The loss uses one form per backend; each must be right on every backend.
+    rng = np.random.default_rng(5)
+    logits = (30 * rng.normal(size=(3, 40, 6))).astype("float32")  # large: stability
+    targets = np.eye(6, dtype="float32")[rng.integers(0, 6, size=(3, 40))]
+    targets[:, ::7] = 0.0  # neutral anchors: no target, no loss
+    shifted = logits.astype("float64") - logits.max(axis=-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    expected = -(targets * log_softmax).sum(axis=-1)
+    got = getattr(ssd_loss, form)(keras.ops.array(targets), keras.ops.array(logits))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(got), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_top_k_mask_selects_exactly_k_even_with_ties():
