@@ -485,7 +485,8 @@ class SpikeMonitor(keras.callbacks.Callback):
         # epoch: a read waits for the device, draining the queue of dispatched
         # steps. The writes are in place (the variables are updated in place
         # on TensorFlow, donated by the JAX trainer), whatever the capacity.
-        self._rows_per_call = self._steps_per_call()
+        steps_per_execution = getattr(self._bare_model(), "steps_per_execution", 1)
+        self._rows_per_call = max(1, int(steps_per_execution or 1))
         epoch_steps = (self.params or {}).get("steps") or 0
         self._capacity = int(
             min(max(epoch_steps + self._rows_per_call, 256), _MAX_BUFFER_ROWS)
@@ -525,9 +526,6 @@ class SpikeMonitor(keras.callbacks.Callback):
                 np.asarray(state["metrics_variables"][j]),
             )
         return int(np.asarray(iterations.value)), np.asarray(self._buffer.value)
-
-    def _steps_per_call(self):
-        return max(1, int(getattr(self._bare_model(), "steps_per_execution", 1) or 1))
 
     def _flush_buffer(self):
         end, table = self._buffer_values()
