@@ -33,11 +33,9 @@ outside `fit`, against the baseline's (`jax_compiled_step_ratio`).
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import emit, run_worker  # noqa: E402
+from harness import emit, run_worker
 
 TIMED_EPOCHS = 3  # per `fit`, after one that includes tracing
 

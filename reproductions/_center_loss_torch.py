@@ -4,7 +4,7 @@ A small ResNet (basic blocks + BatchNorm, ReLU or PReLU) on scikit-learn's
 bundled 8x8 digits, trained as in seed 003: SGD(lr, momentum 0.9, weight
 decay) on cross-entropy + lambda * center loss, the centers stepped by their
 own SGD(lr=alpha) with the seed's CenterLoss semantics
-(tests/references/torch_center_loss.py), the LR multiplied by 0.5 at 1/3 and
+(keras_batchfix/references/torch_center_loss.py), the LR multiplied by 0.5 at 1/3 and
 by 0.1 at 2/3 of the epochs (seed: lr, lr/2, lr/10).
 
 Variants (one mechanism changed at a time):
@@ -15,8 +15,6 @@ Variants (one mechanism changed at a time):
     l2norm        center loss on L2-normalized features
 """
 
-import os
-import sys
 import time
 
 import numpy as np
@@ -24,11 +22,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from tests.references.torch_center_loss import TorchCenterLoss  # noqa: E402
+from keras_batchfix.references.torch_center_loss import TorchCenterLoss
 
 VARIANTS = ("relu", "prelu", "alpha_sched", "no_bn_wd", "l2norm")
 

@@ -5,7 +5,7 @@ bundled 8x8 digits (no download), the seed's recipe scaled down: SGD lr 0.05,
 momentum 0.9, weight decay 5e-4, LR x0.5 at 1/3 and x0.1 at 2/3 of the
 epochs, cross-entropy + 0.01 * center loss with alpha 0.5, 60/20/20
 train/validation/test split. The same experiment runs in PyTorch (the seed's
-CenterLoss semantics, tests/references/torch_center_loss.py) and in Keras
+CenterLoss semantics, keras_batchfix/references/torch_center_loss.py) and in Keras
 (keras_batchfix.CenterLoss), one candidate mechanism changed at a time:
 
     relu          the seed's set-up (baseline)

@@ -1,4 +1,4 @@
-"""Random batches in the ssd_keras layout, for tests."""
+"""Random batches in the ssd_keras layout (one-hot classes, box offsets)."""
 
 import numpy as np
 
