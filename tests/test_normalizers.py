@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from keras_batchfix import GlobalCount, LocalCount, SSDMultiboxLoss
+from keras_batchfix import EMACount, GlobalCount, LocalCount, SSDMultiboxLoss
 from keras_batchfix.references.ssd_data import random_batch
 from tests.training import fit_dense
 
@@ -15,9 +15,21 @@ NUM_CLASSES = 4
 
 
 def test_one_device_divisors():
-    for normalizer in (LocalCount(), GlobalCount()):
-        assert float(normalizer(np.float32(7.0))) == 7.0
-        assert float(normalizer(np.float32(0.0))) == 1.0  # no positives
+    for normalizer in (LocalCount(), GlobalCount(), EMACount(momentum=0.0)):
+        assert float(normalizer.divisor(np.float32(7.0))) == 7.0
+        assert float(normalizer.divisor(np.float32(0.0))) == 1.0  # no positives
+        # A negative count is a bug upstream: NaN, never a silent clamp to 1.
+        assert np.isnan(float(normalizer.divisor(np.float32(-2.0))))
+
+
+def test_ema_divisor_reads_and_update_writes():
+    normalizer = EMACount(momentum=0.5, initial_value=10.0)
+    assert float(normalizer.divisor(np.float32(4.0))) == 7.0
+    assert float(normalizer.divisor(np.float32(2.0))) == 6.0  # still from 10
+    assert float(normalizer.ema) == 10.0
+    normalizer.update()  # the last candidate becomes the EMA
+    assert float(normalizer.ema) == 6.0
+    assert float(normalizer.divisor(np.float32(2.0))) == 4.0
 
 
 def ssd_problem(seed, size):

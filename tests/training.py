@@ -5,7 +5,8 @@ import contextlib
 import keras
 from keras import ops
 
-from keras_batchfix import CenterLoss, EMACount, attach_normalizers
+import keras_batchfix
+from keras_batchfix import CenterLoss, EMACount
 
 # `mode` of `dense_model`: (run_eagerly, jit_compile) for `compile`.
 MODES = {
@@ -18,19 +19,26 @@ MODES = {
 
 def dense_model(loss, input_shape, kernel, bias, optimizer, strategy=None,
                 mode="auto"):
-    """A compiled `Dense` from `(kernel, bias)`, its EMACount attached."""
+    """A compiled `Dense` from `(kernel, bias)`.
+
+    A `keras_batchfix.Model` when the loss has an `EMACount`, else a
+    `keras.Model`.
+    """
     run_eagerly, jit_compile = MODES[mode]
     with strategy_scope(strategy):
         inputs = keras.Input(input_shape)
         dense = keras.layers.Dense(kernel.shape[-1])
-        model = keras.Model(inputs, dense(inputs))
+        model_class = (
+            keras_batchfix.Model
+            if isinstance(getattr(loss, "normalizer", None), EMACount)
+            else keras.Model
+        )
+        model = model_class(inputs, dense(inputs))
         dense.set_weights([kernel, bias])
         model.compile(
             optimizer=optimizer(), loss=loss, run_eagerly=run_eagerly,
             jit_compile=jit_compile,
         )
-    if isinstance(getattr(loss, "normalizer", None), EMACount):
-        attach_normalizers(model)
     return model
 
 
