@@ -1,6 +1,6 @@
 """Every private Keras name the package uses, in one place.
 
-Each has no public equivalent in the Keras versions tested: 3.8.0 and 3.15.1
+Each has no public equivalent in the Keras versions tested: 3.10.0 and 3.15.1
 (the oldest and newest of the supported range; CI runs the core tests on
 both). If a Keras release moves one, this module is the one to change.
 """

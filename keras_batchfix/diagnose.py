@@ -19,7 +19,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_batchfix import replicas
+from keras_batchfix import normalizers, replicas
 from keras_batchfix._keras_compat import compile_loss
 from keras_batchfix.normalized_loss import NormalizedLoss
 
@@ -227,6 +227,11 @@ def diagnose(
         )
     num_replicas = int(num_replicas)
 
+    steady_state = isinstance(loss, NormalizedLoss) and normalizers.stateful(
+        loss.normalizer
+    )
+    if steady_state:
+        loss = _at_steady_state(loss)
     compiled = _compiled_loss(loss, y_true, y_pred)
     loss_obj = compiled.inner
     loss_name = getattr(loss_obj, "name", None) or getattr(
@@ -284,6 +289,11 @@ def diagnose(
     )
 
     notes = []
+    if steady_state:
+        notes.append(
+            "EMACount diagnosed at its steady state, the moving average equal "
+            "to each batch's global count (as GlobalCount)."
+        )
     if len(raw_shape) == 0:
         if math.isfinite(replica_ratio) and abs(replica_ratio - 1) <= tolerance:
             notes.append(
@@ -405,6 +415,18 @@ class _Compiled:
             return self(y_true, y_pred, sample_weight)
 
         return call
+
+
+def _at_steady_state(loss):
+    """A copy of `loss` whose stateful normalizer is replaced by `GlobalCount`.
+
+    An EMA of the count is a constant over a few steps, so over one batch an
+    `EMACount` loss scales with the batch; in training the EMA follows the
+    typical count, which is what `GlobalCount` divides by at every batch size.
+    """
+    steady = type(loss).from_config(loss.get_config())
+    steady.normalizer = normalizers.GlobalCount()
+    return steady
 
 
 def _compiled_loss(loss, y_true, y_pred):

@@ -8,7 +8,7 @@ from keras import ops
 from keras_batchfix import GlobalCount, SSDMultiboxLoss, compensate
 from keras_batchfix.compensate import Compensated
 from keras_batchfix.references.ssd_data import random_batch
-from tests.training import fit_dense
+from tests.training import batch_loss, fit_dense
 
 NUM_CLASSES = 4
 
@@ -116,18 +116,18 @@ def test_seed_000_loss_spikes_in_keras_and_not_once_compensated():
     # Four copies of the same 8 images: the normalized loss is the same.
     big_true, big_pred = np.tile(y_true, (4, 1, 1)), np.tile(y_pred, (4, 1, 1))
     plain = identity_model(ssd_keras_style, NUM_CLASSES + 4)
-    ratio = plain.test_on_batch(y_pred, y_true) / plain.test_on_batch(
+    ratio = batch_loss(plain, y_pred, y_true) / batch_loss(plain, 
         big_pred, big_true
     )
     np.testing.assert_allclose(ratio, 32 / 8, rtol=1e-5)  # 1 / B scaling
     fixed = identity_model(compensate(ssd_keras_style), NUM_CLASSES + 4)
     np.testing.assert_allclose(
-        fixed.test_on_batch(y_pred, y_true),
-        fixed.test_on_batch(big_pred, big_true),
+        batch_loss(fixed, y_pred, y_true),
+        batch_loss(fixed, big_pred, big_true),
         rtol=1e-5,
     )
     np.testing.assert_allclose(
-        fixed.test_on_batch(y_pred, y_true),
+        batch_loss(fixed, y_pred, y_true),
         float(SSDMultiboxLoss(NUM_CLASSES, from_logits=True)(y_true, y_pred)),
         rtol=1e-5,
     )
@@ -140,7 +140,7 @@ def test_every_return_shape_gives_the_normalized_value(loss_fn):
         y_true, y_pred = flagged_batch(rng, batch_size)
         model = identity_model(compensate(loss_fn), 3)
         np.testing.assert_allclose(
-            model.test_on_batch(y_pred, y_true),
+            batch_loss(model, y_pred, y_true),
             numpy_flagged_loss(y_true, y_pred),
             rtol=1e-5,
         )
@@ -163,7 +163,7 @@ def test_sample_weight_scales_each_sample_not_the_count(loss_fn):
     weights = rng.random(5).astype("float32")
     model = identity_model(compensate(loss_fn), 3)
     np.testing.assert_allclose(
-        model.test_on_batch(y_pred, y_true, sample_weight=weights),
+        batch_loss(model, y_pred, y_true, sample_weight=weights),
         numpy_flagged_loss(y_true, y_pred, weights),
         rtol=1e-5,
     )
@@ -216,7 +216,7 @@ def test_model_save_round_trip(tmp_path, count):
     assert restored.loss.loss is registered_per_sample
     y_true, y_pred = flagged_batch(np.random.default_rng(7), 4)
     np.testing.assert_allclose(
-        restored.test_on_batch(y_pred, y_true), model.test_on_batch(y_pred, y_true)
+        batch_loss(restored, y_pred, y_true), batch_loss(model, y_pred, y_true)
     )
 
 
@@ -312,6 +312,8 @@ def test_call_returns_unreduced_values_whose_sum_is_the_loss():
     """Keras's `Loss` contract: `call` unreduced, `__call__` reduces."""
     y_true, y_pred = flagged_batch(np.random.default_rng(12), 3)
     loss = compensate(flagged_errors, count=flagged_count)
-    values = ops.convert_to_numpy(loss.call(y_true, y_pred))
+    values = ops.convert_to_numpy(
+        loss.call(ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred))
+    )
     assert values.shape == y_true.shape[:2]
     np.testing.assert_allclose(values.sum(), float(loss(y_true, y_pred)), rtol=1e-6)

@@ -89,3 +89,13 @@ def fit_center_loss(x, y, w, c, batch_size, lr, lam, alpha, strategy=None):
         model.compile(optimizer=keras.optimizers.SGD(lr))
     history = model.fit([x, y], batch_size=batch_size, shuffle=False, verbose=0)
     return dense, layer, history
+
+
+def batch_loss(model, x, y, sample_weight=None):
+    """The model's loss on one batch `(x, y)`, metrics reset first.
+
+    (`test_on_batch` keeps a running mean across calls in Keras 3.8.)
+    """
+    return model.evaluate(
+        x, y, sample_weight=sample_weight, batch_size=len(x), verbose=0
+    )
