@@ -229,3 +229,39 @@ def test_bad_shapes(true_shape, pred_shape, match):
     loss = SSDMultiboxLoss(5)
     with pytest.raises(ValueError, match=match):
         loss(np.zeros(true_shape, "float32"), np.zeros(pred_shape, "float32"))
+
+
+def smoothed(y_true, epsilon=0.1):
+    """Label smoothing on the one-hot part of the non-neutral anchors."""
+    y = y_true.copy()
+    onehot = y[..., :NUM_CLASSES]
+    labelled = onehot.sum(-1, keepdims=True) > 0
+    y[..., :NUM_CLASSES] = np.where(
+        labelled, onehot * (1 - epsilon) + epsilon / NUM_CLASSES, 0.0
+    )
+    return y
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_inputs_it_cannot_be_right_for_give_nan_in_fit(jit_compile):
+    """Soft labels, and logits with from_logits=False, were silently accepted."""
+    rng = np.random.default_rng(3)
+    y_true, logits = random_batch(rng, 4, 30, NUM_CLASSES, positive_fraction=0.2)
+    _, probabilities = random_batch(
+        np.random.default_rng(3), 4, 30, NUM_CLASSES, positive_fraction=0.2,
+        from_logits=False,
+    )
+    inputs = keras.Input(y_true.shape[1:])
+    cases = [
+        (True, y_true, logits, False),
+        (False, y_true, probabilities, False),
+        (True, smoothed(y_true), logits, True),  # soft targets
+        (False, y_true, logits, True),  # logits given as probabilities
+    ]
+    for from_logits, target, prediction, nan in cases:
+        model = keras.Model(inputs, keras.layers.Identity()(inputs))
+        model.compile(
+            loss=SSDMultiboxLoss(NUM_CLASSES, from_logits=from_logits),
+            jit_compile=jit_compile if keras.backend.backend() != "torch" else False,
+        )
+        assert np.isnan(batch_loss(model, prediction, target)) == nan
