@@ -5,7 +5,9 @@ from keras_batchfix.box_matching import encode_ssd_targets, match_anchors
 from keras_batchfix.center_loss import CenterLoss
 from keras_batchfix.compensate import compensate
 from keras_batchfix.diagnose import diagnose
+from keras_batchfix.diagnose_model import diagnose_model
 from keras_batchfix.normalized_loss import NormalizedLoss
+from keras_batchfix.normalized_loss import count_weight
 from keras_batchfix.normalizers import EMACount
 from keras_batchfix.normalizers import GlobalCount
 from keras_batchfix.normalizers import LocalCount

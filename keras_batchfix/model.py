@@ -9,7 +9,9 @@ normalizers in `model.metrics`, so that their variables are part of the
 model's state on every backend (JAX's stateless `fit` included).
 
 It finds the normalizers of the compiled losses (`model.loss`, a loss or a
-nest of losses) and those of the model's layers (`CenterLoss(normalizer=...)`).
+nest of losses), those of the model's layers (`CenterLoss(normalizer=...)`),
+and the model's own `normalizer` attribute (a `compute_loss` override that
+uses `keras_batchfix.count_weight`).
 """
 
 import keras
@@ -62,7 +64,8 @@ class NormalizerUpdates:
         """The normalizers with state of the compiled losses and the layers."""
         found = []
         losses = keras.tree.flatten(getattr(self, "loss", None) or [])
-        candidates = [getattr(loss, "normalizer", None) for loss in losses]
+        candidates = [getattr(self, "normalizer", None)]  # a model's own
+        candidates += [getattr(loss, "normalizer", None) for loss in losses]
         candidates += [getattr(layer, "normalizer", None) for layer in _layers(self)]
         for normalizer in candidates:
             if normalizers.stateful(normalizer) and not any(

@@ -151,3 +151,37 @@ def _align(weights, values):
     while len(weights.shape) < len(values.shape):
         weights = ops.expand_dims(weights, axis=-1)
     return weights
+
+
+def count_weight(count, normalizer=None):
+    """The weight that turns a sum of loss values into a count-normalized loss.
+
+        weight = replica factor / divisor(count)
+
+    so that `sum_i weight * values_i` is `sum_i values_i / divisor(count)`
+    with the factor of `keras_batchfix.replicas` for this replica: exact on
+    one device and under every strategy (with `GlobalCount`, however the
+    batch splits). For a model whose `compute_loss` weights `"sum"`-reduced
+    losses by `1 / count`, as keras-hub's detectors do; a stateful normalizer
+    (`EMACount`) also needs the model to call its `update()`
+    (`keras_batchfix.NormalizerUpdates`).
+
+    Args:
+        count: the scalar count of this replica's batch (positive anchors).
+        normalizer: default `keras_batchfix.GlobalCount()`.
+
+    Example:
+
+    ```python
+    positives = ops.sum(positive_mask)
+    weight = keras_batchfix.count_weight(positives, keras_batchfix.GlobalCount())
+    sample_weight = {"boxes": positive_mask * weight, "classes": valid_mask * weight}
+    ```
+    """
+    normalizer = normalizers.get(
+        normalizers.GlobalCount() if normalizer is None else normalizer
+    )
+    one = ops.ones((), dtype="float32")
+    return replicas.to_keras(
+        one, normalizer.divisor(count), normalizer.is_global, route=replicas.COMPILED
+    )

@@ -151,7 +151,7 @@ def keras_factor(route):
         )
     if _torch_process_group() is not None:
         return float(num_replicas())  # DDP averages gradients
-    if route == ADD_LOSS:
+    if route == ADD_LOSS and keras.backend.backend() == "tensorflow":
         return float(num_replicas())  # TF scales add_loss by 1 / replicas
     return 1.0
 
