@@ -9,7 +9,8 @@ from keras_batchfix.normalized_loss import NormalizedLoss
 from keras_batchfix.normalizers import EMACount
 from keras_batchfix.normalizers import GlobalCount
 from keras_batchfix.normalizers import LocalCount
-from keras_batchfix.normalizers import attach_normalizers
+from keras_batchfix.model import Model
+from keras_batchfix.model import NormalizerUpdates
 from keras_batchfix.spike_monitor import SpikeMonitor
 from keras_batchfix.ssd_loss import SSDMultiboxLoss
 

@@ -26,6 +26,12 @@ USAGE_EXAMPLE = (
 def resolve_loss(spec):
     """`"pkg.module:attr.sub"` -> the object; a name without `:` is returned."""
     if ":" not in spec:
+        if "." in spec:
+            module_name, _, attr = spec.rpartition(".")
+            raise ValueError(
+                f"Expected `module:attribute` or a Keras loss name, received "
+                f"{spec!r}; did you mean {module_name + ':' + attr!r}?"
+            )
         return spec
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:

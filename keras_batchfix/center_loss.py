@@ -7,12 +7,11 @@ the features only, and the centers move by the paper's rule, not by the
 model's optimizer.
 """
 
-import threading
-
 import keras
 from keras import ops
 
-from keras_batchfix.distribute import all_reduce_sum, replica_context, replicas_in_sync
+from keras_batchfix import normalizers, replicas
+from keras_batchfix._keras_compat import ReplicaThreadLosses
 
 
 def _seed_initializer():
@@ -28,13 +27,13 @@ def _seed_initializer():
 
 
 @keras.saving.register_keras_serializable(package="keras_batchfix")
-class CenterLoss(keras.layers.Layer):
+class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
     """Center loss layer: adds `loss_weight * L_C` and returns the features.
 
     For a batch of `B` features `x_i` (shape `(B, D)`) with integer labels
     `y_i` and centers `c_j` (a `(num_classes, D)` variable of the layer):
 
-        L_C = 1/2 * sum_i ||x_i - c_{y_i}||^2 / B
+        L_C = 1/2 * sum_i ||x_i - c_{y_i}||^2 / divisor(B)
 
     `loss_weight * L_C` is added with `add_loss` (in training and in
     evaluation). Its gradient reaches the features only, never the centers.
@@ -56,28 +55,28 @@ class CenterLoss(keras.layers.Layer):
     `PiecewiseConstantDecay(boundaries, [0.5, 0.25, 0.05])` with the
     boundaries of the model's learning-rate schedule.
 
-    Batch size and replicas: `L_C` is a mean over the batch, so a short last
-    batch has the same scale as a full one. Under `tf.distribute` Keras
-    multiplies `add_loss` values by `1 / num_replicas` and sums the replicas'
-    gradients; this layer all-reduces the batch size and adds
-    `loss_weight * num_replicas * sum_local / B_global`, so the optimized loss
-    and gradient are exactly those of single-device training on the global
-    batch, also when the batch splits unevenly. The per-class sums and counts
-    of the center update are all-reduced too: every replica applies the same
-    global update, and the replicas' centers stay identical. With JAX
-    (`keras.distribution`) one program sees the global batch and nothing
-    needs reducing. (Keras's logged `loss` averages the replicas' values
-    weighted by their local batch sizes; it is exact when the global batch
-    splits evenly, the gradient always is.)
+    Batch size and replicas: the batch size `B` is the count, and
+    `divisor` is the `normalizer`'s (default `GlobalCount()`: `B` summed
+    over the replicas). `L_C` is then a mean over the global batch, so a
+    short last batch has the same scale as a full one, and under
+    `tf.distribute` (mirrored or multi-worker) or torch DDP the optimized
+    loss and gradient are exactly those of one device on the global batch,
+    also when it splits unevenly (`keras_batchfix.replicas` gives the
+    replica factor). The per-class sums and counts of the center update are
+    summed over the replicas too: every replica applies the same global
+    update, and the replicas' centers stay identical. With JAX
+    (`keras.distribution`) one program sees the global batch. (Keras's
+    logged `loss` averages the replicas' values weighted by their local batch
+    sizes; it is exact when the global batch splits evenly, the gradient
+    always is.)
 
-    Labels: shape `(B,)` or `(B, 1)`, integers or integer-valued floats.
-    In eager execution labels outside `[0, num_classes)` or non-integer
-    floats raise a `ValueError` (torch's `fit` runs eagerly, so it raises
-    too). In compiled code (`tf.function`, XLA, `jax.jit`: TensorFlow's and
-    JAX's `fit`) they are not checked, to avoid a host round-trip: float
-    labels are truncated toward zero, and a sample whose label is outside
-    `[0, num_classes)` contributes nothing to the loss nor to the center
-    update (it still counts in `B`).
+    Labels: shape `(B,)` or `(B, 1)`, integers or integer-valued floats. A
+    batch with a label outside `[0, num_classes)` or a non-integer float
+    label gets a NaN loss, on every backend and in compiled code alike (no
+    host round-trip), so `fit` shows `loss: nan` at once
+    (`keras.callbacks.TerminateOnNaN` stops it); such samples do not move
+    the centers. `layer.center_loss(features, labels)` raises a
+    `ValueError` for them instead.
 
     Called with the features alone (`layer(features)`) the layer is the
     identity and adds no loss. For an inference model without labels, take
@@ -106,7 +105,8 @@ class CenterLoss(keras.layers.Layer):
 
     Args:
         num_classes: number of classes (rows of the centers).
-        alpha: center step, a float (default 0.5) or a
+        alpha: center step, a float in `(0, 1]` (default 0.5; the paper's
+            range: a larger step overshoots the class mean) or a
             `keras.optimizers.schedules.LearningRateSchedule`.
         loss_weight: lambda, the weight of `L_C` in the model's loss.
             Default 0.01.
@@ -121,6 +121,9 @@ class CenterLoss(keras.layers.Layer):
             `alpha * sum_{i: y_i = j}(c_j - x_i) / (1 + n_j)` (the seed's,
             times `alpha`, which acts as a learning-rate multiplier) and the
             layer applies no update of its own. Default False.
+        normalizer: how the batch size becomes the divisor of `L_C`;
+            default `keras_batchfix.GlobalCount()` (the global batch).
+            `LocalCount()` averages the replicas' means instead.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Example:
@@ -147,6 +150,7 @@ class CenterLoss(keras.layers.Layer):
         centers_initializer=None,
         feat_dim=None,
         centers_trainable=False,
+        normalizer=None,
         **kwargs,
     ):
         # No autocast: float labels must not become float16 under mixed
@@ -169,9 +173,13 @@ class CenterLoss(keras.layers.Layer):
         if not isinstance(
             alpha, keras.optimizers.schedules.LearningRateSchedule
         ):
-            if not isinstance(alpha, (int, float)) or alpha < 0:
+            if (
+                isinstance(alpha, bool)
+                or not isinstance(alpha, (int, float))
+                or not 0 < alpha <= 1
+            ):
                 raise ValueError(
-                    "Argument `alpha` must be a float >= 0 or a "
+                    "Argument `alpha` must be a float in (0, 1] or a "
                     "`keras.optimizers.schedules.LearningRateSchedule`; "
                     f"received alpha={alpha!r}."
                 )
@@ -184,9 +192,10 @@ class CenterLoss(keras.layers.Layer):
         )
         self.feat_dim = None if feat_dim is None else int(feat_dim)
         self.centers_trainable = bool(centers_trainable)
+        self.normalizer = normalizers.get(
+            normalizers.GlobalCount() if normalizer is None else normalizer
+        )
         self.supports_masking = False
-        # id(loss) -> thread that added it (tf.distribute); see _add_own_loss.
-        self._loss_threads = {}
         if keras.backend.backend() != "jax":
             self.value_tracker = keras.metrics.Mean(name=f"{self.name}_value")
         else:
@@ -251,86 +260,63 @@ class CenterLoss(keras.layers.Layer):
         gathered = ops.take(ops.stop_gradient(centers), labels, axis=0)
         local_sum = _half_squared_distance_sum(features, gathered, valid)
         local_batch = ops.cast(ops.shape(features)[0], features.dtype)
+        # NaN for a batch with an invalid label (see the class docstring).
+        invalid = ops.sum(1.0 - valid)
+        poison = ops.cast(ops.where(invalid > 0.0, float("nan"), 0.0), local_sum.dtype)
 
-        # Everything that synchronizes replicas (all-reduces, updates of
-        # mirrored variables) runs before `add_loss`; see `_add_own_loss`.
+        divisor = self.normalizer.divisor(local_batch)
         training = bool(training) and self.trainable
+        losses = [
+            replicas.to_keras(
+                self.loss_weight * local_sum + poison,
+                divisor,
+                self.normalizer.is_global,
+                route=replicas.ADD_LOSS,
+            )
+        ]
         if training:
             detached = ops.stop_gradient(features)
-            # sum_{i: y_i=j} (c_j - x_i) and n_j, and B, over all replicas.
+            # sum_{i: y_i=j} (c_j - x_i) and n_j over all replicas.
             differences = ops.expand_dims(valid, -1) * (gathered - detached)
             sums = ops.segment_sum(differences, labels, self.num_classes)
             counts = ops.segment_sum(valid, labels, self.num_classes)
-            global_batch, sums, counts = all_reduce_sum(
-                [local_batch, sums, counts]
-            )
+            sums, counts = replicas.global_sum([sums, counts])
             delta = sums / ops.expand_dims(1.0 + counts, -1)
             alpha = self._current_alpha()
-            if not self.centers_trainable:
+            if self.centers_trainable:
+                # Zero-valued term whose gradient w.r.t. the centers is
+                # alpha * delta, the same on every replica (delta is global):
+                # the replicas' mean of it.
+                step = ops.stop_gradient(alpha * delta)
+                surrogate = ops.sum(step * (centers - ops.stop_gradient(centers)))
+                losses.append(
+                    replicas.to_keras(
+                        surrogate, 1.0, False, route=replicas.ADD_LOSS
+                    )
+                )
+            else:
                 self.centers.assign(ops.stop_gradient(centers) - alpha * delta)
             self.iterations.assign_add(
                 ops.ones((), dtype=self.iterations.dtype)
             )
-        else:
-            global_batch = all_reduce_sum(local_batch)
-
-        # Under tf.distribute Keras multiplies add_loss values by
-        # 1/num_replicas and sums the replicas' gradients: this replica adds
-        # num_replicas * sum_local / B_global, so the total is sum / B_global.
-        replicas = float(replicas_in_sync())
-        loss = local_sum * (replicas / ops.maximum(global_batch, 1.0))
-        losses = [self.loss_weight * loss]
-        if training and self.centers_trainable:
-            # Zero-valued term whose gradient w.r.t. the centers is
-            # alpha * delta (Keras's 1/num_replicas and the replica sum
-            # cancel, delta being global already).
-            step = ops.stop_gradient(alpha * delta)
-            surrogate = step * (centers - ops.stop_gradient(centers))
-            losses.append(ops.sum(surrogate))
-        self._add_own_loss(losses)
+        self.add_loss(losses)
         if self.value_tracker is not None:
             self.value_tracker.update_state(
-                local_sum / ops.maximum(local_batch, 1.0),
+                local_sum / ops.maximum(local_batch, 1.0) + poison,
                 sample_weight=local_batch,
             )
         return features_in
-
-    def _add_own_loss(self, losses):
-        """`add_loss`, safe under `MirroredStrategy`'s replica threads.
-
-        `MirroredStrategy` traces each replica in its own thread and switches
-        threads at every all-reduce (`merge_call`), while Keras keeps a
-        layer's `add_loss` values in one Python list shared by the replicas.
-        After this layer's all-reduces, replica 0 adds its loss and runs on to
-        its gradient; replica 1 then resumes and would find replica 0's loss
-        in the list too (Keras would log the sum of both replicas' losses,
-        ~2x, although the gradients stay right, tapes being per thread). So
-        the losses this layer added from another thread are dropped first.
-        """
-        if replica_context() is not None:
-            thread = threading.get_ident()
-            owners = self._loss_threads
-            kept = [
-                loss
-                for loss in self._losses
-                if owners.get(id(loss), thread) == thread
-            ]
-            self._losses[:] = kept
-            self._loss_threads = {
-                id(loss): owners.get(id(loss), thread) for loss in kept
-            }
-            for loss in losses:
-                self._loss_threads[id(loss)] = thread
-        for loss in losses:
-            self.add_loss(loss)
 
     def center_loss(self, features, labels):
         """Unweighted `L_C` of a batch for the current centers (a scalar).
 
         No state changes (centers, step counter and metric stay as they are).
+        Called eagerly, labels outside `[0, num_classes)` raise a `ValueError`.
         """
         if not self.built:
             self.build([tuple(features.shape), tuple(labels.shape)])
+        if _is_concrete(ops.convert_to_tensor(labels)):
+            self._check_label_values(ops.convert_to_tensor(labels))
         features, labels, valid = self._prepare(features, labels)
         gathered = ops.take(ops.convert_to_tensor(self.centers), labels, axis=0)
         total = _half_squared_distance_sum(features, gathered, valid)
@@ -377,10 +363,11 @@ class CenterLoss(keras.layers.Layer):
                 "`features` and `labels` must have the same batch size; "
                 f"received features.shape={shape}, labels.shape={label_shape}."
             )
-        if _is_concrete(labels):
-            self._check_label_values(labels)
+        integral = ops.equal(labels, ops.round(labels)) if _is_float(labels) else None
         labels = ops.cast(labels, "int32")
         valid = ops.logical_and(labels >= 0, labels < self.num_classes)
+        if integral is not None:
+            valid = ops.logical_and(valid, integral)
         # Out-of-range labels (compiled code only) read row 0, weighted 0.
         return features, ops.where(valid, labels, 0), ops.cast(valid, dtype)
 
@@ -420,6 +407,7 @@ class CenterLoss(keras.layers.Layer):
             ),
             feat_dim=self.feat_dim,
             centers_trainable=self.centers_trainable,
+            normalizer=keras.saving.serialize_keras_object(self.normalizer),
         )
         return config
 
@@ -447,6 +435,10 @@ def _dim_error(seen, wanted, shape):
         f"must equal the centers' dimension `feat_dim` ({wanted}, centers of "
         f"shape (num_classes, {wanted}))."
     )
+
+
+def _is_float(tensor):
+    return "float" in str(keras.backend.standardize_dtype(tensor.dtype))
 
 
 def _is_concrete(tensor):

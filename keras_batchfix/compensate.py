@@ -1,7 +1,9 @@
 """`compensate`: undo Keras's reduction over the batch for a self-normalizing loss."""
 
+import functools
+import re
+
 import keras
-from keras import ops
 
 from keras_batchfix.normalized_loss import NormalizedLoss
 
@@ -28,9 +30,7 @@ class Compensated(NormalizedLoss):
                 "normalizes itself has no count to normalize by)."
             )
         if name is None:
-            name = "compensated_" + getattr(
-                loss, "name", getattr(loss, "__name__", "loss")
-            )
+            name = "compensated_" + _name_of(loss)
         super().__init__(normalizer=normalizer, name=name, dtype=dtype)
         self.loss = loss
         self.count = count
@@ -40,14 +40,13 @@ class Compensated(NormalizedLoss):
             values = self.loss.call(y_true, y_pred)  # unreduced values
         else:
             values = self.loss(y_true, y_pred)
-        values = ops.convert_to_tensor(values)
         if self.count is None:
             return values, None
-        count = ops.convert_to_tensor(self.count(y_true, y_pred))
-        if len(count.shape) != 0:
+        count = self.count(y_true, y_pred)
+        if count is None:
             raise ValueError(
-                "Argument `count` must return a scalar; it returned shape "
-                f"{tuple(count.shape)}."
+                f"The `count` of loss {self.name!r} must compute a scalar; it "
+                "returned None."
             )
         return values, count
 
@@ -65,6 +64,16 @@ class Compensated(NormalizedLoss):
         for key in ("loss", "count"):  # the normalizer: `normalizers.get`
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
+
+
+def _name_of(loss):
+    """A name usable as a TensorFlow scope: `<lambda>` and partials included."""
+    while isinstance(loss, functools.partial):
+        loss = loss.func
+    name = getattr(loss, "name", None) or getattr(loss, "__name__", None)
+    if not isinstance(name, str):
+        name = type(loss).__name__
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_") or "loss"
 
 
 def compensate(loss, count=None, normalizer=None, name=None):
@@ -97,7 +106,9 @@ def compensate(loss, count=None, normalizer=None, name=None):
         name: name of the loss; default `"compensated_" + loss name`.
 
     Returns:
-        A `keras.losses.Loss` to pass to `model.compile(loss=...)`.
+        A `keras.losses.Loss` to pass to `model.compile(loss=...)`. A loss of
+        this package (a `keras_batchfix.NormalizedLoss`, such as
+        `SSDMultiboxLoss`) is exact already and comes back unchanged.
 
     Example:
 
@@ -110,4 +121,12 @@ def compensate(loss, count=None, normalizer=None, name=None):
     model.compile(optimizer="sgd", loss=keras_batchfix.compensate(box_loss))
     ```
     """
+    if isinstance(loss, NormalizedLoss):
+        if count is not None or normalizer is not None or name is not None:
+            raise ValueError(
+                f"Argument `loss` ({loss!r}) is a NormalizedLoss: it has its "
+                "own count and normalizer, so `compensate` returns it as it "
+                "is and takes no `count`, `normalizer` or `name`."
+            )
+        return loss
     return Compensated(loss, count=count, normalizer=normalizer, name=name)

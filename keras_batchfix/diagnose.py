@@ -12,7 +12,6 @@ that returns a scalar is passed through by every reduction and, under
 `model.compile` will apply, and says which fix applies.
 """
 
-import contextlib
 import dataclasses
 import math
 
@@ -20,9 +19,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_batchfix import distribute
+from keras_batchfix import normalizers, replicas
+from keras_batchfix._keras_compat import compile_loss
 from keras_batchfix.normalized_loss import NormalizedLoss
-from keras_batchfix.normalizers import GlobalCount
 
 MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
@@ -228,6 +227,11 @@ def diagnose(
         )
     num_replicas = int(num_replicas)
 
+    steady_state = isinstance(loss, NormalizedLoss) and normalizers.stateful(
+        loss.normalizer
+    )
+    if steady_state:
+        loss = _at_steady_state(loss)
     compiled = _compiled_loss(loss, y_true, y_pred)
     loss_obj = compiled.inner
     loss_name = getattr(loss_obj, "name", None) or getattr(
@@ -285,6 +289,11 @@ def diagnose(
     )
 
     notes = []
+    if steady_state:
+        notes.append(
+            "EMACount diagnosed at its steady state, the moving average equal "
+            "to each batch's global count (as GlobalCount)."
+        )
     if len(raw_shape) == 0:
         if math.isfinite(replica_ratio) and abs(replica_ratio - 1) <= tolerance:
             notes.append(
@@ -369,13 +378,9 @@ class _Compiled:
     """The loss as `compile` applies it: `CompileLoss` of the user's loss."""
 
     def __init__(self, loss, y_true, y_pred):
-        from keras.src.trainers import compile_utils
-
-        self.compile_loss = compile_utils.CompileLoss(loss)
-        self.compile_loss.build(
-            ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
+        self.compile_loss, self.inner = compile_loss(
+            loss, ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
         )
-        self.inner = self.compile_loss._flat_losses[0].loss
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         return self.compile_loss(
@@ -412,18 +417,20 @@ class _Compiled:
         return call
 
 
-def _compiled_loss(loss, y_true, y_pred):
-    try:
-        return _Compiled(loss, y_true, y_pred)
-    except (ImportError, AttributeError, IndexError):  # pragma: no cover
-        # Keras moved its internals: fall back to the public resolution rule.
-        from keras.src.trainers.compile_utils import get_loss
+def _at_steady_state(loss):
+    """A copy of `loss` whose stateful normalizer is replaced by `GlobalCount`.
 
-        inner = get_loss(loss, y_true, y_pred)
-        fallback = _Compiled.__new__(_Compiled)
-        fallback.inner = inner
-        fallback.compile_loss = inner
-        return fallback
+    An EMA of the count is a constant over a few steps, so over one batch an
+    `EMACount` loss scales with the batch; in training the EMA follows the
+    typical count, which is what `GlobalCount` divides by at every batch size.
+    """
+    steady = type(loss).from_config(loss.get_config())
+    steady.normalizer = normalizers.GlobalCount()
+    return steady
+
+
+def _compiled_loss(loss, y_true, y_pred):
+    return _Compiled(loss, y_true, y_pred)
 
 
 def _slope(batch_sizes, values):
@@ -604,30 +611,13 @@ def _mirrored(compiled, devices):
     return distributed
 
 
-@contextlib.contextmanager
-def _replicas(num_replicas, all_reduce_sum=None):
-    """Runs Keras's and this package's reduction code as on `num_replicas`."""
-    from keras.src.losses import loss as loss_module
-
-    def scale(value):
-        return ops.multiply(value, ops.cast(1.0 / num_replicas, value.dtype))
-
-    original_scale = loss_module.scale_loss_for_distribution
-    loss_module.scale_loss_for_distribution = scale
-    try:
-        with distribute.simulated_replicas(num_replicas, all_reduce_sum):
-            yield
-    finally:
-        loss_module.scale_loss_for_distribution = original_scale
-
-
 def _simulated(compiled, num_replicas):
     fast = compiled.compiled()  # only ever traced and run under _replicas
     global_count = _global_count_loss(compiled.inner)
 
     def distributed(parts):
         if global_count is None:
-            with _replicas(num_replicas):
+            with replicas.simulated_replicas(num_replicas):
                 return float(sum(float(fast(*part)) for part in parts))
         # GlobalCount all-reduces the count: give every replica the sum of
         # the replicas' counts (run eagerly, since the sum differs per call).
@@ -644,14 +634,16 @@ def _simulated(compiled, num_replicas):
         def summed(value):
             return ops.convert_to_tensor(sum(counts), dtype=value.dtype)
 
-        with _replicas(num_replicas, summed):
+        with replicas.simulated_replicas(num_replicas, summed):
             return float(sum(float(compiled(*part)) for part in parts))
 
     return distributed
 
 
 def _global_count_loss(loss):
-    """The loss if it is a `NormalizedLoss` normalized by `GlobalCount`."""
-    if isinstance(loss, NormalizedLoss) and isinstance(loss.normalizer, GlobalCount):
+    """The loss if it is a `NormalizedLoss` with a global count."""
+    if isinstance(loss, NormalizedLoss) and getattr(
+        loss.normalizer, "is_global", False
+    ):
         return loss
     return None

@@ -1,24 +1,24 @@
-"""`NormalizedLoss`: a loss returned to Keras already reduced.
+"""`NormalizedLoss`: a loss divided by a count of its own, exact at every batch size.
 
 Keras reduces what `Loss.call` returns by dividing its sum by the number of
 elements (`"sum_over_batch_size"`). A loss that already divides by a count it
 derives from the batch (matched boxes, say) is then divided a second time, by
 the batch size, and its scale goes as `1 / batch_size`: the short last batch
 of an epoch gets a loss and a gradient `batch_size / last_batch_size` times too
-large. `NormalizedLoss` computes the whole reduction itself and hands Keras a
-scalar that Keras passes on unchanged.
+large. A `NormalizedLoss` is reduced with `"sum"` instead: `call` returns the
+unreduced values already divided by the count's divisor (and carrying the
+replica factor of `keras_batchfix.replicas`), and `__call__` adds them up.
 """
 
 import keras
 from keras import ops
-from keras.src.backend import get_keras_mask  # how Keras itself reads masks
 
-from keras_batchfix import normalizers
-from keras_batchfix.distribute import replicas_in_sync
+from keras_batchfix import normalizers, replicas
+from keras_batchfix._keras_compat import get_keras_mask
 
 
 class NormalizedLoss(keras.losses.Loss):
-    """Base class: `loss = sum_i w_i * numerator_i / normalizer(count)`.
+    """Base class: `loss = sum_i w_i * numerator_i / divisor(count)`.
 
     Subclasses implement `numerator_and_count(y_true, y_pred)`, returning
 
@@ -26,20 +26,36 @@ class NormalizedLoss(keras.losses.Loss):
     * `count`: the scalar the sum is normalized by, or `None` when the
       numerator is normalized already (then only the replicas are averaged).
 
-    `w_i` is `sample_weight` (broadcast from the batch axis), times the Keras
-    mask of `y_pred` if it has one. Weights scale the numerator only; the count
-    is what `numerator_and_count` says it is. Keras's `reduction` does not
-    apply: the returned value is the loss (a scalar), at every batch size.
+    `divisor` is the `normalizer`'s (`max(1, count)` for the default
+    `LocalCount`). `w_i` is `sample_weight` (broadcast from the batch axis),
+    times the Keras mask of `y_pred` if it has one. Weights scale the
+    numerator only; the count is what `numerator_and_count` says it is.
+
+    `call(y_true, y_pred)` returns the unweighted values
+    `numerator_i / divisor(count)` (times the replica factor), whose sum is
+    the loss; `__call__` weights and sums them, as Keras's `"sum"` reduction
+    does. The result is the loss at every batch size, on every backend and
+    strategy.
 
     All arithmetic runs in the loss's `dtype` (float32 by default, also under a
     `mixed_float16` or `mixed_bfloat16` policy: predictions are cast up).
 
     Args:
         normalizer: how the count becomes the divisor; default
-            `keras_batchfix.LocalCount()` (`max(1, count)`, averaged over
-            `tf.distribute` replicas).
+            `keras_batchfix.LocalCount()`.
         name: name of the loss.
         dtype: dtype of the computation; default `keras.backend.floatx()`.
+
+    Example:
+
+    ```python
+    class FlaggedError(keras_batchfix.NormalizedLoss):
+        def numerator_and_count(self, y_true, y_pred):
+            flags = y_true[..., 0]
+            return flags * ops.sum((y_pred - y_true) ** 2, -1), ops.sum(flags)
+
+    model.compile("sgd", FlaggedError(normalizer=keras_batchfix.GlobalCount()))
+    ```
     """
 
     def __init__(self, normalizer=None, name=None, dtype=None):
@@ -50,22 +66,30 @@ class NormalizedLoss(keras.losses.Loss):
         raise NotImplementedError
 
     def call(self, y_true, y_pred):
-        """Unweighted loss of the batch, as a scalar."""
-        return self(y_true, y_pred)
+        """Unweighted values whose sum is the loss: `numerator / divisor`."""
+        numerator, count = self.numerator_and_count(y_true, y_pred)
+        numerator = _as_values(self, "numerator", numerator, self.dtype)
+        if count is None:  # normalized already
+            divisor, divisor_is_global = 1.0, False
+        else:
+            count = _as_values(self, "count", count, "float32")
+            if len(count.shape) != 0:
+                raise ValueError(
+                    f"The count of loss {self.name!r} must be a scalar; it "
+                    f"has shape {tuple(count.shape)}."
+                )
+            divisor = self.normalizer.divisor(count)
+            divisor_is_global = self.normalizer.is_global
+        return replicas.to_keras(
+            numerator, divisor, divisor_is_global, route=replicas.COMPILED
+        )
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         mask = get_keras_mask(y_pred)
         with keras.name_scope(self.name):
             y_true = ops.convert_to_tensor(y_true, dtype=self.dtype)
             y_pred = ops.convert_to_tensor(y_pred, dtype=self.dtype)
-            numerator, count = self.numerator_and_count(y_true, y_pred)
-            numerator = ops.cast(numerator, self.dtype)
-            total = weighted_sum(numerator, sample_weight, mask)
-            if count is None:  # already normalized: only the replica mean
-                replicas = replicas_in_sync()
-                return total if replicas == 1 else total / float(replicas)
-            divisor = ops.cast(self.normalizer(count), self.dtype)
-            return ops.divide(total, divisor)
+            return weighted_sum(self.call(y_true, y_pred), sample_weight, mask)
 
     def get_config(self):
         config = super().get_config()
@@ -75,6 +99,23 @@ class NormalizedLoss(keras.losses.Loss):
         )
         config["dtype"] = self.dtype
         return config
+
+
+def _as_values(loss, what, value, dtype):
+    """`value` as a tensor of `dtype`; a named error if it is not numeric."""
+    if value is None or isinstance(value, (str, bytes)):
+        raise ValueError(
+            f"Loss {loss.name!r} must compute numeric values for its {what}; "
+            f"it returned {value!r}."
+        )
+    try:
+        value = ops.convert_to_tensor(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"Loss {loss.name!r} must compute numeric values for its {what}; "
+            f"it returned {value!r} ({error})."
+        ) from None
+    return ops.cast(value, dtype)
 
 
 def weighted_sum(values, sample_weight=None, mask=None):

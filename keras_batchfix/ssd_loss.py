@@ -45,6 +45,17 @@ class SSDMultiboxLoss(NormalizedLoss):
     box offsets; 8 optional trailing values (anchors and variances) are
     ignored.
 
+    Inputs the loss cannot be right for make it NaN, on every backend and in
+    compiled code alike (a few reductions, no host round-trip), so `fit`
+    shows `loss: nan` from the first step:
+
+    * soft class targets (label smoothing, mixup): an entry of the one-hot
+      part of `y_true` other than 0 or 1, or a row summing to more than 1.
+      Such an anchor would count as positive and as negative at once;
+    * `from_logits=False` given scores that are not probabilities: an entry
+      outside `[0, 1]` or a row whose sum differs from 1 by more than 1e-3
+      (logits, most likely: pass `from_logits=True`).
+
     `sample_weight` of shape `(batch,)` scales each image's share of the
     numerator; it does not change the normalizing count.
 
@@ -135,6 +146,8 @@ class SSDMultiboxLoss(NormalizedLoss):
             + self.alpha * positives * box_loss,
             axis=-1,
         )
+        invalid = _invalid_inputs(class_targets, class_scores, self.from_logits)
+        per_image = per_image + ops.where(invalid, float("nan"), 0.0)
         return per_image, ops.sum(positives)
 
     def _mine(self, cross_entropy, positives, negatives):
@@ -198,6 +211,21 @@ class SSDMultiboxLoss(NormalizedLoss):
             from_logits=self.from_logits,
         )
         return config
+
+
+def _invalid_inputs(class_targets, class_scores, from_logits):
+    """Whether the targets are not one-hot, or the probabilities are not ones."""
+    soft = ops.logical_and(class_targets != 0.0, class_targets != 1.0)
+    invalid = ops.logical_or(
+        ops.any(soft), ops.any(ops.sum(class_targets, axis=-1) > 1.0)
+    )
+    if not from_logits:
+        outside = ops.logical_or(class_scores < 0.0, class_scores > 1.0)
+        unnormalized = ops.abs(ops.sum(class_scores, axis=-1) - 1.0) > 1e-3
+        invalid = ops.logical_or(
+            invalid, ops.logical_or(ops.any(outside), ops.any(unnormalized))
+        )
+    return invalid
 
 
 def softmax_cross_entropy(targets, logits):

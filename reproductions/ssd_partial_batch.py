@@ -1,4 +1,5 @@
-"""Seed 000: SSD loss spikes at the short last batch of every epoch, and the fixes.
+"""The report "Why does my training loss have regular spikes?", reproduced: the SSD
+spike at every epoch's short last batch, and the fixes.
 
 A small SSD (5 conv layers, 3 feature maps, 1344 anchors) is trained on a
 synthetic detection set (shapes on textured backgrounds, 1-5 objects per image,
@@ -33,7 +34,8 @@ running mean that `fit` logs).
     python reproductions/ssd_partial_batch.py              # default, < 5 min on 2 CPUs
     python reproductions/ssd_partial_batch.py --quick      # < 60 s, checks the spikes
 
-Writes `steps.csv`, `spikes.csv`, `table.md` and `ssd_partial_batch.png` to `--out`.
+Writes `steps.csv`, `spikes.csv`, `table.md`, `ssd_partial_batch.png` and
+`keras_vs_pytorch.png` to `--out`.
 """
 
 import argparse
@@ -391,20 +393,22 @@ def format_table(summary, gap, args, lrs, clipnorm, hardware, timings):
         f"(B / b_last = {args.batch_size / short:.2f}), {args.epochs} epochs, "
         f"SGD momentum {args.momentum}; {hardware}.",
         "",
-        "| variant | lr | spike ratio at each short batch (loss / median of its 6 neighbours) | disturbance after a short batch: median / largest | final loss | time (s) |",
-        "|---|---|---|---|---|---|",
+        "| variant | lr | spike ratio min / median / max | spike ratio at each short batch (loss / median of its 6 neighbours) | disturbance after a short batch: median / largest | final loss | time (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for variant, label in VARIANTS.items():
         if variant not in summary:
             continue
         s = summary[variant]
         ratios = " ".join(f"{r:.2f}" for r in s["ratios"]) or "— (no short batch)"
+        spread = (f"{min(s['ratios']):.2f} / {np.median(s['ratios']):.2f} / "
+                  f"{max(s['ratios']):.2f}" if s["ratios"] else "—")
         d = [x for x in s["disturbances"] if x == x]
         dist = (f"{100 * np.median(d):+.0f}% / {100 * max(d):+.0f}%"
                 if d and variant != "d_drop_short" else "—")
         extra = f", clipnorm {clipnorm:.3g}" if variant == "e_bug_clipnorm" else ""
         lines.append(
-            f"| {label} | {lrs[variant]:.3g}{extra} | {ratios} | {dist} | "
+            f"| {label} | {lrs[variant]:.3g}{extra} | {spread} | {ratios} | {dist} | "
             f"{s['final_loss']:.4f} | {timings.get(variant, float('nan')):.0f} |"
         )
     lines.append("")
@@ -431,7 +435,8 @@ def format_table(summary, gap, args, lrs, clipnorm, hardware, timings):
     return "\n".join(lines)
 
 
-def plot(steps, spikes, gap, args, path, hardware):
+def plot(steps, gap, args, lrs, out, hardware):
+    """Two figures: the spike and its effect; Keras against PyTorch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -442,57 +447,62 @@ def plot(steps, spikes, gap, args, path, hardware):
                   d_drop_short="tab:gray", e_bug_clipnorm="tab:orange", f_torch="tab:purple",
                   g_torch_jitter="tab:brown")
     styles = dict(b_compensate="--", f_torch=":")
-    fig, axes = plt.subplots(3, 1, figsize=(11, 11), sharex=True)
     by_variant = {}
     for r in steps:
         by_variant.setdefault(r["variant"], []).append(r)
+    base_lr = args.lr
+    fig, axes = plt.subplots(2, 1, figsize=(11, 8.5), sharex=True)
     for ax in axes:
         for e in range(1, args.epochs):
-            ax.axvline(e, color="k", lw=0.5, alpha=0.3)
+            ax.axvline(e, color="k", lw=0.5, alpha=0.2)
     for variant, rows in by_variant.items():
         if variant == "g_torch_jitter":
-            continue  # a control: shown as a gap in the bottom panel only
+            continue  # a control of the second figure
         x = np.array([r["position"] for r in rows])
-        short = np.array([r["short"] for r in rows])
-        kw = dict(color=colors[variant], ls=styles.get(variant, "-"), lw=1.2, label=VARIANTS[variant])
-        rep = np.array([r["reported"] for r in rows])
-        axes[0].plot(x, rep, **kw)
-        axes[0].plot(x[short], rep[short], "o", color=colors[variant], ms=4)
+        short = np.array([r["short"] for r in rows], bool)
+        kw = dict(color=colors[variant], ls=styles.get(variant, "-"), lw=1.1,
+                  label=VARIANTS[variant])
+        # What the optimizer follows: its loss times its learning rate, in
+        # units of the fixed variants' rate (the buggy ones run at lr x B).
+        seen = np.array([r["reported"] for r in rows]) * lrs[variant] / base_lr
+        axes[0].plot(x, seen, **kw)
+        axes[0].plot(x[short], seen[short], "o", color=colors[variant], ms=4)
         axes[1].plot(x, [r["batch_loss"] for r in rows], **kw)
-        if variant in ("c_ssd_multibox", "f_torch"):
-            axes[2].plot(x, [r["batch_loss"] for r in rows], **kw)
     axes[0].set_yscale("log")
-    axes[0].set_ylabel("loss as reported / optimized\n(log scale)")
+    axes[0].set_ylabel("loss the optimizer follows\n(loss x lr / lr of the fixes, log)")
     axes[0].set_title(
-        f"Per-step loss (train_on_batch), {args.num_images} images, batch {args.batch_size}, "
-        f"last batch {args.num_images % args.batch_size}; dots: short batches; lines: epoch ends\n"
-        "(a),(d),(e) report the loss divided by the batch size: their level is 1/B of the others"
-    , fontsize=9)
+        f"{args.num_images} images in batches of {args.batch_size}: every epoch ends with "
+        f"a batch of {args.num_images % args.batch_size} (dots)", fontsize=10)
+    axes[0].legend(fontsize=8, ncol=2, loc="upper right")
     axes[1].set_yscale("log")
-    axes[1].set_ylabel("batch SSD loss\nsum / max(1, N_pos), log scale")
-    axes[1].set_title("Same quantity for every variant: the loss each step's batch had before its update "
-                      "((b) and (c) coincide)", fontsize=9)
-    top = max(r["batch_loss"] for r in steps if np.isfinite(r["batch_loss"]))
-    axes[1].set_ylim(top=top * 8)  # room for the legend above the curves
+    axes[1].set_ylabel("SSD loss of the batch\nsum / max(1, N_pos), log")
+    axes[1].set_title("Effect on training: the same loss measured for every variant "
+                      "((b) and (c) coincide)", fontsize=10)
     axes[1].legend(fontsize=8, ncol=2, loc="upper right")
-    axes[2].set_ylabel("batch SSD loss")
-    title = "Keras SSDMultiboxLoss (c) vs PyTorch (f): same weights, batches, SGD"
-    if gap:
-        ax2 = axes[2].twinx()
-        for name, color, label in (("keras_torch", "k", "gap (c) vs (f): Keras vs PyTorch"),
-                                   ("torch_torch", "tab:brown", "gap (g) vs (f): PyTorch vs PyTorch\nwith 1e-7 weight noise (control)")):
-            if name in gap:
-                rel = gap[name]["rel"]
-                x = np.array([r["position"] for r in by_variant["f_torch"]])[: len(rel)]
-                ax2.semilogy(x, np.maximum(rel, 1e-9), color=color, lw=0.8, alpha=0.6, label=label)
-        ax2.set_ylabel("relative gap of the batch loss\n(floored at 1e-9)")
-        ax2.legend(loc="center right", fontsize=8)
-        title += f"; largest relative gap {gap['keras_torch']['max']:.1e}"
-    axes[2].set_title(title, fontsize=9)
-    axes[2].legend(fontsize=8, loc="upper right")
-    axes[2].set_xlabel(f"epoch   (Keras backend: {args.backend}; {hardware})")
+    axes[1].set_xlabel(f"epoch   (Keras backend: {args.backend}; {hardware})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(os.path.join(out, "ssd_partial_batch.png"), dpi=110)
+    plt.close(fig)
+
+    if not gap:
+        return
+    fig, ax = plt.subplots(figsize=(11, 3.5))
+    for name, color, label in (
+        ("keras_torch", "k", "Keras SSDMultiboxLoss (c) vs PyTorch (f)"),
+        ("torch_torch", "tab:brown", "control: PyTorch (g) vs PyTorch (f), weights x (1 + 1e-7 noise)"),
+    ):
+        if name not in gap:
+            continue
+        rel = np.asarray(gap[name]["rel"], float)
+        x = np.array([r["position"] for r in by_variant["f_torch"]])[: len(rel)]
+        nonzero = rel > 0  # equal in float32: not drawn
+        ax.semilogy(x[nonzero], rel[nonzero], color=color, lw=0.9, label=label)
+    ax.set_ylabel("relative gap of the batch loss")
+    ax.set_xlabel("epoch (steps where both are equal in float32 are not drawn)")
+    ax.set_title("Keras against PyTorch: same weights, batches and SGD", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "keras_vs_pytorch.png"), dpi=110)
     plt.close(fig)
 
 
@@ -639,10 +649,10 @@ def main(argv=None):
     table += f"\n\nTotal wall time {total:.0f} s."
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
-    plot(steps, spikes, gap, args, os.path.join(args.out, "ssd_partial_batch.png"), hardware)
+    plot(steps, gap, args, lrs, args.out, hardware)
     print()
     print(table)
-    print(f"\nwrote {args.out}/steps.csv, spikes.csv, table.md, ssd_partial_batch.png")
+    print(f"\nwrote {args.out}/steps.csv, spikes.csv, table.md, ssd_partial_batch.png, keras_vs_pytorch.png")
 
     failures = check(summary, gap, args.batch_size / short) if args.quick else []
     for failure in failures:

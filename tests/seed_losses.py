@@ -11,6 +11,8 @@ line, `False` drops it (the seed-000 bug).
 import numpy as np
 from keras import ops
 
+from keras_batchfix import EMACount, SSDMultiboxLoss
+
 N_CLASSES = 3  # background + 2
 
 
@@ -67,3 +69,9 @@ def ssd_batch(batch_size=16, anchors=24, seed=0):
     y_true[..., n:] = rng.normal(size=(batch_size, anchors, 4))
     y_pred = rng.normal(size=(batch_size, anchors, n + 4)).astype("float32")
     return y_true, y_pred
+
+
+# The package's SSD loss with an EMACount normalizer, for the CLI.
+ema_count_ssd_loss = SSDMultiboxLoss(
+    N_CLASSES, from_logits=True, normalizer=EMACount(momentum=0.5)
+)

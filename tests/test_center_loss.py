@@ -250,39 +250,44 @@ def test_bad_inputs_raise_clear_errors():
     layer([np.zeros((2, 3), "float32"), np.array([0, 1])])  # builds D = 3
     with pytest.raises(ValueError, match="feature dimension"):
         layer([np.zeros((2, 4), "float32"), np.array([0, 1])])
+    features = ops.convert_to_tensor(np.zeros((2, 3), "float32"))
     with pytest.raises(ValueError, match=r"\[0, 4\).*from -1 to 1"):
-        layer([np.zeros((2, 3), "float32"), np.array([-1, 1])])
+        layer.center_loss(features, ops.convert_to_tensor(np.array([-1, 1])))
     with pytest.raises(ValueError, match=r"\[0, 4\).*from 0 to 4"):
-        layer([np.zeros((2, 3), "float32"), np.array([0, 4])])
+        layer.center_loss(features, ops.convert_to_tensor(np.array([0, 4])))
     with pytest.raises(ValueError, match="integer-valued"):
-        layer([np.zeros((2, 3), "float32"), np.array([0.5, 1.0], "float32")])
+        layer.center_loss(
+            features, ops.convert_to_tensor(np.array([0.5, 1.0], "float32"))
+        )
     with pytest.raises(ValueError, match=r"labels.*\(2, 2\)"):
         layer([np.zeros((2, 3), "float32"), np.zeros((2, 2), "int32")])
     with pytest.raises(ValueError, match="num_classes"):
         CenterLoss(0)
-    with pytest.raises(ValueError, match="alpha"):
-        CenterLoss(K, alpha=-1.0)
+    for alpha in (-1.0, 0.0, 5.0, True):  # (0, 1]: a larger step overshoots
+        with pytest.raises(ValueError, match=r"`alpha`.*\(0, 1\]"):
+            CenterLoss(K, alpha=alpha)
 
 
-@pytest.mark.skipif(BACKEND == "torch", reason="torch fit runs eagerly: it raises")
-def test_out_of_range_labels_in_compiled_fit_are_ignored():
-    """Documented compiled-mode behaviour: such samples add nothing (still in B)."""
+@pytest.mark.parametrize("bad", [-1, K, 0.5], ids=["negative", "num_classes", "float"])
+def test_invalid_labels_in_fit_give_a_nan_loss_on_every_backend(bad):
+    """Not silently ignored (TF, JAX) nor raising (torch): `loss: nan` everywhere."""
     rng = np.random.default_rng(4)
     n = 8
     x = rng.normal(size=(n, D)).astype("float32")
-    y = np.array([0, 1, -1, 2, K, 3, 1, 7], "int32")
+    y = np.array([0, 1, bad, 2, 3, 3, 1, 0], "float32")
     c0 = rng.normal(size=(K, D))
     layer = CenterLoss(K, alpha=0.5, centers_initializer=keras.initializers.Constant(c0))
     features = keras.Input((D,))
-    labels = keras.Input((), dtype="int32")
+    labels = keras.Input((), dtype="float32")
     model = keras.Model([features, labels], layer([features, labels]))
-    model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
     history = model.fit([x, y], batch_size=n, verbose=0)
-    np.testing.assert_allclose(
-        to_numpy(layer.centers), numpy_center_step(c0, x, y, 0.5), rtol=1e-5, atol=1e-6
-    )
-    np.testing.assert_allclose(
-        history.history["loss"][0], 0.01 * numpy_center_loss(c0, x, y), rtol=1e-5
+    assert np.isnan(history.history["loss"][0])
+    valid = np.array([i != 2 for i in range(n)])
+    np.testing.assert_allclose(  # the valid samples moved the centers
+        to_numpy(layer.centers),
+        numpy_center_step(c0, x[valid], y[valid].astype(int), 0.5),
+        rtol=1e-5, atol=1e-6,
     )
 
 

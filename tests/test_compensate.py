@@ -1,3 +1,5 @@
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -6,7 +8,7 @@ from keras import ops
 from keras_batchfix import GlobalCount, SSDMultiboxLoss, compensate
 from keras_batchfix.compensate import Compensated
 from keras_batchfix.references.ssd_data import random_batch
-from tests.training import fit_dense
+from tests.training import batch_loss, fit_dense
 
 NUM_CLASSES = 4
 
@@ -114,18 +116,18 @@ def test_seed_000_loss_spikes_in_keras_and_not_once_compensated():
     # Four copies of the same 8 images: the normalized loss is the same.
     big_true, big_pred = np.tile(y_true, (4, 1, 1)), np.tile(y_pred, (4, 1, 1))
     plain = identity_model(ssd_keras_style, NUM_CLASSES + 4)
-    ratio = plain.test_on_batch(y_pred, y_true) / plain.test_on_batch(
+    ratio = batch_loss(plain, y_pred, y_true) / batch_loss(plain, 
         big_pred, big_true
     )
     np.testing.assert_allclose(ratio, 32 / 8, rtol=1e-5)  # 1 / B scaling
     fixed = identity_model(compensate(ssd_keras_style), NUM_CLASSES + 4)
     np.testing.assert_allclose(
-        fixed.test_on_batch(y_pred, y_true),
-        fixed.test_on_batch(big_pred, big_true),
+        batch_loss(fixed, y_pred, y_true),
+        batch_loss(fixed, big_pred, big_true),
         rtol=1e-5,
     )
     np.testing.assert_allclose(
-        fixed.test_on_batch(y_pred, y_true),
+        batch_loss(fixed, y_pred, y_true),
         float(SSDMultiboxLoss(NUM_CLASSES, from_logits=True)(y_true, y_pred)),
         rtol=1e-5,
     )
@@ -138,7 +140,7 @@ def test_every_return_shape_gives_the_normalized_value(loss_fn):
         y_true, y_pred = flagged_batch(rng, batch_size)
         model = identity_model(compensate(loss_fn), 3)
         np.testing.assert_allclose(
-            model.test_on_batch(y_pred, y_true),
+            batch_loss(model, y_pred, y_true),
             numpy_flagged_loss(y_true, y_pred),
             rtol=1e-5,
         )
@@ -161,7 +163,7 @@ def test_sample_weight_scales_each_sample_not_the_count(loss_fn):
     weights = rng.random(5).astype("float32")
     model = identity_model(compensate(loss_fn), 3)
     np.testing.assert_allclose(
-        model.test_on_batch(y_pred, y_true, sample_weight=weights),
+        batch_loss(model, y_pred, y_true, sample_weight=weights),
         numpy_flagged_loss(y_true, y_pred, weights),
         rtol=1e-5,
     )
@@ -188,7 +190,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="`normalizer`.*count=None"):
         compensate(per_sample, normalizer=GlobalCount())
     y_true, y_pred = flagged_batch(np.random.default_rng(6), 2)
-    with pytest.raises(ValueError, match=r"`count` must return a scalar.*\(2,\)"):
+    with pytest.raises(ValueError, match=r"count of loss .* must be a scalar.*\(2,\)"):
         compensate(flagged_squared_error, count=lambda t, p: ops.sum(t, (1, 2)))(
             y_true, y_pred
         )
@@ -214,7 +216,7 @@ def test_model_save_round_trip(tmp_path, count):
     assert restored.loss.loss is registered_per_sample
     y_true, y_pred = flagged_batch(np.random.default_rng(7), 4)
     np.testing.assert_allclose(
-        restored.test_on_batch(y_pred, y_true), model.test_on_batch(y_pred, y_true)
+        batch_loss(restored, y_pred, y_true), batch_loss(model, y_pred, y_true)
     )
 
 
@@ -249,3 +251,69 @@ def test_global_count_mirrored_equals_one_device_split_unevenly(
         regression_problem(9, 37, varying_flags=True),
         mirrored_strategy,
     )
+
+
+@pytest.mark.parametrize(
+    "returned", [None, "loss"], ids=["None", "str"]
+)
+def test_a_loss_returning_no_values_is_named(returned):
+    def broken(y_true, y_pred):
+        return returned
+
+    y_true, y_pred = flagged_batch(np.random.default_rng(8), 2)
+    with pytest.raises(ValueError, match=f"'compensated_broken'.*{returned!r}"):
+        compensate(broken)(y_true, y_pred)
+    with pytest.raises(ValueError, match="count.*returned"):
+        compensate(flagged_squared_error, count=broken)(y_true, y_pred)
+
+
+def test_a_package_loss_comes_back_unchanged():
+    """`compensate(L)` is `L`: wrapping cannot apply the replica factor twice."""
+    ssd = SSDMultiboxLoss(NUM_CLASSES, from_logits=True, normalizer=GlobalCount())
+    assert compensate(ssd) is ssd
+    with pytest.raises(ValueError, match="NormalizedLoss"):
+        compensate(ssd, count=flagged_count)
+
+
+def test_compensated_package_loss_equals_it_under_mirrored(mirrored_strategy):
+    """Under 2 replicas `compensate(SSDMultiboxLoss(...))` returned half the loss."""
+    from tests.test_normalizers import ssd_problem
+
+    x, y, kernel, bias = ssd_problem(10, 37)
+    ssd = SSDMultiboxLoss(NUM_CLASSES, mining="per_image", from_logits=True,
+                          normalizer=GlobalCount())
+    trained = [
+        fit_dense(loss, x, y, kernel, bias, batch_size=8, epochs=2,
+                  strategy=mirrored_strategy)
+        for loss in (ssd, compensate(ssd))
+    ]
+    for got, want in zip(*trained):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [lambda t, p: per_sample(t, p), functools.partial(per_sample)],
+    ids=["lambda", "partial"],
+)
+def test_lambda_and_partial_train_under_fit(loss_fn):
+    """`compensated_<lambda>` used to be an invalid TensorFlow scope name."""
+    loss = compensate(loss_fn)
+    assert loss.name in ("compensated_lambda", "compensated_per_sample")
+    x, y, kernel, bias = regression_problem(11, 16, varying_flags=False)
+    trained = fit_dense(loss, x, y, kernel, bias, batch_size=8, epochs=1)
+    want = fit_dense(compensate(per_sample), x, y, kernel, bias, batch_size=8,
+                     epochs=1)
+    for got, expected in zip(trained, want):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_call_returns_unreduced_values_whose_sum_is_the_loss():
+    """Keras's `Loss` contract: `call` unreduced, `__call__` reduces."""
+    y_true, y_pred = flagged_batch(np.random.default_rng(12), 3)
+    loss = compensate(flagged_errors, count=flagged_count)
+    values = ops.convert_to_numpy(
+        loss.call(ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred))
+    )
+    assert values.shape == y_true.shape[:2]
+    np.testing.assert_allclose(values.sum(), float(loss(y_true, y_pred)), rtol=1e-6)

@@ -109,6 +109,17 @@ def test_package_ssd_loss_is_invariant(batch):
     assert result.replica_ratio == pytest.approx(1.0, rel=1e-4)
 
 
+def test_an_ema_count_loss_is_diagnosed(batch):
+    """`diagnose` used to raise a RuntimeError on an EMACount loss."""
+    normalizer = keras_batchfix.EMACount(momentum=0.5, initial_value=10.0)
+    loss = keras_batchfix.SSDMultiboxLoss(
+        num_classes=N_CLASSES, from_logits=True, normalizer=normalizer
+    )
+    result = run(loss, batch, repeats=(1, 2))
+    assert result.verdict == "invariant"
+    assert float(ops.convert_to_numpy(normalizer.ema)) == 10.0  # not moved
+
+
 def test_unnormalized_sum_scales_with_batch(batch):
     result = run(unnormalized_sum, batch)
     assert result.verdict == "batch_size" and result.fix == "reduction"
@@ -246,6 +257,11 @@ def test_cli_in_process(npz, capsys):
     assert report["verdict"] == "invariant"
     assert main(["diagnose", "tests.seed_losses:nope", "--data", npz]) == 1
     assert "nope" in capsys.readouterr().err
+    assert main(["diagnose", "tests.seed_losses.ema_count_ssd_loss", "--data", npz]) == 1
+    assert "did you mean 'tests.seed_losses:ema_count_ssd_loss'" in capsys.readouterr().err
+    spec = "tests.seed_losses:ema_count_ssd_loss"
+    assert main(["diagnose", spec, "--data", npz, "--strict"]) == 0
+    assert "VERDICT: invariant" in capsys.readouterr().out
 
 
 def test_cli_subprocess(tmp_path):

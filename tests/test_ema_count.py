@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 from keras import ops
 
+import keras_batchfix
 from keras_batchfix import (
     EMACount,
     GlobalCount,
+    NormalizerUpdates,
     SSDMultiboxLoss,
-    attach_normalizers,
     compensate,
 )
 from tests.test_normalizers import NUM_CLASSES, ssd_problem
@@ -28,7 +29,7 @@ def ssd_loss(normalizer):
 
 
 def ema_model(loss, kernel, bias, mode="compiled", optimizer=None, strategy=None):
-    """A compiled one-Dense model on `ssd_problem`'s data, normalizers attached."""
+    """A compiled one-Dense `keras_batchfix.Model` on `ssd_problem`'s data."""
     return dense_model(
         loss, (None, kernel.shape[0]), kernel, bias,
         optimizer or (lambda: keras.optimizers.SGD(0.05, momentum=0.9)),
@@ -85,15 +86,16 @@ def test_ema_follows_the_recurrence_in_training_only(mode, initial_value):
 
 
 @pytest.mark.parametrize("mode", FIT_MODES)
-def test_evaluate_divides_by_the_current_ema(mode):
+def test_evaluate_divides_by_the_candidate_and_keeps_the_ema(mode):
     x, y, kernel, bias = ssd_problem(2, 8)
-    normalizer = EMACount(initial_value=50.0)
+    normalizer = EMACount(momentum=0.9, initial_value=50.0)
     model = ema_model(ssd_loss(normalizer), kernel, bias, mode)
     got = model.evaluate(x, y, batch_size=8, verbose=0)
     numerator, _ = ssd_loss(None).numerator_and_count(
         ops.convert_to_tensor(y), ops.convert_to_tensor(model.predict(x, verbose=0))
     )
-    want = float(ops.convert_to_numpy(ops.sum(numerator))) / 50.0
+    candidate = 0.9 * 50.0 + 0.1 * batch_counts(y, 8)[0]
+    want = float(ops.convert_to_numpy(ops.sum(numerator))) / candidate
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert ema_of(normalizer) == 50.0
 
@@ -162,7 +164,7 @@ def test_save_and_load_restore_the_ema_and_training_continues(tmp_path, file_nam
         restored.load_weights(path)
     assert ema_of(restored.loss.normalizer) == saved_ema
     assert saved_ema != 100.0
-    attach_normalizers(restored)
+    assert isinstance(restored, keras_batchfix.Model)
     for trained in (model, restored):
         trained.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     np.testing.assert_array_equal(
@@ -214,24 +216,18 @@ def test_mirrored_training_equals_one_device(mirrored_strategy):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_forgetting_to_attach_raises():
-    x, y, kernel, bias = ssd_problem(7, 8)
+def test_a_plain_keras_model_does_not_move_it():
+    """Documented: without `NormalizerUpdates` nothing calls `update()`."""
+    x, y, _, _ = ssd_problem(7, 8)
     inputs = keras.Input(x.shape[1:])
+    normalizer = EMACount(initial_value=30.0)
     model = keras.Model(inputs, keras.layers.Dense(NUM_CLASSES + 4)(inputs))
-    model.compile("sgd", loss=ssd_loss(EMACount()))
-    with pytest.raises(RuntimeError, match="attach_normalizers"):
-        model.fit(x, y, verbose=0)
-    attach_normalizers(model)
+    model.compile("sgd", loss=ssd_loss(normalizer))
     model.fit(x, y, verbose=0)
-    model.compile("sgd", loss=ssd_loss(EMACount()))  # a new, unattached one
-    with pytest.raises(RuntimeError, match="attach_normalizers"):
-        model.fit(x, y, verbose=0)
-    attach_normalizers(model)
-    model.fit(x, y, verbose=0)
-    assert [m.name for m in model.metrics].count("ema_count") == 1
+    assert ema_of(normalizer) == 30.0
 
 
-class Subclassed(keras.Model):
+class Subclassed(NormalizerUpdates, keras.Model):
     def __init__(self):
         super().__init__()
         self.dense = keras.layers.Dense(NUM_CLASSES + 4)
@@ -240,27 +236,55 @@ class Subclassed(keras.Model):
         return self.dense(inputs)
 
 
-def test_attaches_to_built_subclassed_and_sequential_models():
+class Sequential(NormalizerUpdates, keras.Sequential):
+    pass
+
+
+class OwnComputeLoss(NormalizerUpdates, keras.Model):
+    """A model whose own `compute_loss` override adds a term."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(NUM_CLASSES + 4)
+
+    def call(self, inputs):
+        return self.dense(inputs)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        return loss + 0.0 * ops.sum(y_pred)
+
+
+@pytest.mark.parametrize("model_class", [Subclassed, Sequential, OwnComputeLoss])
+def test_the_mixin_drives_built_subclassed_and_sequential_models(model_class):
     x, y, _, _ = ssd_problem(8, 16)
-    sequential = keras.Sequential([keras.layers.Dense(NUM_CLASSES + 4)])
-    for model in (Subclassed(), sequential):
-        model(x[:1])  # built: a subclassed model's state is locked now
-        normalizer = EMACount(momentum=0.5)
-        model.compile("sgd", loss=ssd_loss(normalizer))
-        attach_normalizers(model)
-        model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
-        want = numpy_ema(batch_counts(y, 8), 0.5, None)[-1]
-        np.testing.assert_allclose(ema_of(normalizer), want, rtol=1e-6)
+    model = (
+        Sequential([keras.layers.Dense(NUM_CLASSES + 4)])
+        if model_class is Sequential else model_class()
+    )
+    model(x[:1])  # built: a subclassed model's state is locked now
+    normalizer = EMACount(momentum=0.5)
+    model.compile("sgd", loss=ssd_loss(normalizer))
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    want = numpy_ema(batch_counts(y, 8), 0.5, None)[-1]
+    np.testing.assert_allclose(ema_of(normalizer), want, rtol=1e-6)
+    assert [m.name for m in model.metrics].count("ema_count") == 1
 
 
-def test_attach_errors():
-    inputs = keras.Input((None, 3))
-    model = keras.Model(inputs, keras.layers.Dense(NUM_CLASSES + 4)(inputs))
-    with pytest.raises(ValueError, match="compile"):
-        attach_normalizers(model)
-    model.compile("sgd", loss=ssd_loss(GlobalCount()))
-    with pytest.raises(ValueError, match="EMACount"):
-        attach_normalizers(model)
+def test_recompiling_drives_the_new_normalizer():
+    x, y, _, _ = ssd_problem(9, 16)
+    inputs = keras.Input(x.shape[1:])
+    model = keras_batchfix.Model(inputs, keras.layers.Dense(NUM_CLASSES + 4)(inputs))
+    first, second = EMACount(momentum=0.5), EMACount(momentum=0.5)
+    model.compile("sgd", loss=ssd_loss(first))
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    moved = ema_of(first)
+    model.compile("sgd", loss=ssd_loss(second))
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    assert ema_of(first) == moved
+    assert ema_of(second) > 0
+    assert [m.name for m in model.metrics].count("ema_count") == 1
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ on free loopback ports, and kills whatever still runs when it ends. With
 `keras_batchfix.multi_worker.MultiWorkerMirroredStrategy` (TensorFlow's
 strategy with a `reduce` that takes what Keras 3.15 passes), the weights
 after 2 epochs equal single-device training on the same global batches:
-`fit_dense` without a strategy, and for `CenterLoss` the NumPy reference
-`numpy_center_loss_training`.
+every cell of the composition matrix (tests/composition.py) on one device,
+and for `CenterLoss` alone the NumPy reference `numpy_center_loss_training`.
 """
 
 import contextlib
@@ -24,17 +24,17 @@ import pytest
 if keras.backend.backend() != "tensorflow":
     pytest.skip("tf.distribute needs the TensorFlow backend", allow_module_level=True)
 
-from tests.multi_worker import CENTER_LOSS_SIZES, dense_cases  # noqa: E402
+from tests.composition import CELLS, cell_id, fit_cell, initial_weights  # noqa: E402
+from tests.multi_worker import CENTER_LOSS_SIZES  # noqa: E402
 from tests.test_center_loss import (  # noqa: E402
     CENTER_LOSS_HYPERPARAMETERS,
     center_loss_problem,
     numpy_center_loss_training,
 )
-from tests.training import fit_dense_cases  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = 2
-TIMEOUT_S = 240
+TIMEOUT_S = 480
 
 
 def free_loopback_ports(count):
@@ -112,9 +112,8 @@ def test_multi_worker_equals_one_device(tmp_path):
     deadline = time.monotonic() + TIMEOUT_S
     with running_workers(tmp_path) as workers:
         # Single-device references, computed while the workers train.
-        cases = dense_cases()
-        expected = fit_dense_cases(cases)
-        start_kernels = {name: problem[2] for name, (_, problem) in cases.items()}
+        expected = {cell_id(cell): fit_cell(cell) for cell in CELLS}
+        start_kernels = {cell_id(cell): initial_weights(cell)[0] for cell in CELLS}
         for n in CENTER_LOSS_SIZES:
             x, y, w, c = center_loss_problem(n)
             w_ref, c_ref, _ = numpy_center_loss_training(

@@ -8,6 +8,7 @@ from keras_batchfix import SSDMultiboxLoss
 from keras_batchfix import ssd_loss
 from keras_batchfix.ssd_loss import top_k_mask
 from tests.gradients import value_and_grad
+from tests.training import batch_loss
 from keras_batchfix.references.ssd_data import random_batch
 
 torch = pytest.importorskip("torch")
@@ -112,7 +113,7 @@ def test_keras_reports_the_normalized_loss_at_every_batch_size(jit_compile):
     y_true, y_pred = random_batch(rng, 32, 50, NUM_CLASSES, positive_fraction=0.1)
     model = fit_model(SSDMultiboxLoss(NUM_CLASSES, from_logits=True), jit_compile)
     for size in (32, 7, 1):
-        reported = model.test_on_batch(y_pred[:size], y_true[:size])
+        reported = batch_loss(model, y_pred[:size], y_true[:size])
         want, _ = reference(y_true[:size], y_pred[:size], from_logits=True)
         np.testing.assert_allclose(reported, want, rtol=1e-5)
 
@@ -149,7 +150,7 @@ def test_model_save_round_trip(tmp_path):
     rng = np.random.default_rng(8)
     y_true, y_pred = random_batch(rng, 3, 30, NUM_CLASSES, positive_fraction=0.1)
     np.testing.assert_allclose(
-        restored.test_on_batch(y_pred, y_true), model.test_on_batch(y_pred, y_true)
+        batch_loss(restored, y_pred, y_true), batch_loss(model, y_pred, y_true)
     )
 
 
@@ -228,3 +229,39 @@ def test_bad_shapes(true_shape, pred_shape, match):
     loss = SSDMultiboxLoss(5)
     with pytest.raises(ValueError, match=match):
         loss(np.zeros(true_shape, "float32"), np.zeros(pred_shape, "float32"))
+
+
+def smoothed(y_true, epsilon=0.1):
+    """Label smoothing on the one-hot part of the non-neutral anchors."""
+    y = y_true.copy()
+    onehot = y[..., :NUM_CLASSES]
+    labelled = onehot.sum(-1, keepdims=True) > 0
+    y[..., :NUM_CLASSES] = np.where(
+        labelled, onehot * (1 - epsilon) + epsilon / NUM_CLASSES, 0.0
+    )
+    return y
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_inputs_it_cannot_be_right_for_give_nan_in_fit(jit_compile):
+    """Soft labels, and logits with from_logits=False, were silently accepted."""
+    rng = np.random.default_rng(3)
+    y_true, logits = random_batch(rng, 4, 30, NUM_CLASSES, positive_fraction=0.2)
+    _, probabilities = random_batch(
+        np.random.default_rng(3), 4, 30, NUM_CLASSES, positive_fraction=0.2,
+        from_logits=False,
+    )
+    inputs = keras.Input(y_true.shape[1:])
+    cases = [
+        (True, y_true, logits, False),
+        (False, y_true, probabilities, False),
+        (True, smoothed(y_true), logits, True),  # soft targets
+        (False, y_true, logits, True),  # logits given as probabilities
+    ]
+    for from_logits, target, prediction, nan in cases:
+        model = keras.Model(inputs, keras.layers.Identity()(inputs))
+        model.compile(
+            loss=SSDMultiboxLoss(NUM_CLASSES, from_logits=from_logits),
+            jit_compile=jit_compile if keras.backend.backend() != "torch" else False,
+        )
+        assert np.isnan(batch_loss(model, prediction, target)) == nan

@@ -5,7 +5,8 @@ import contextlib
 import keras
 from keras import ops
 
-from keras_batchfix import CenterLoss, EMACount, attach_normalizers
+import keras_batchfix
+from keras_batchfix import CenterLoss, EMACount
 
 # `mode` of `dense_model`: (run_eagerly, jit_compile) for `compile`.
 MODES = {
@@ -18,19 +19,26 @@ MODES = {
 
 def dense_model(loss, input_shape, kernel, bias, optimizer, strategy=None,
                 mode="auto"):
-    """A compiled `Dense` from `(kernel, bias)`, its EMACount attached."""
+    """A compiled `Dense` from `(kernel, bias)`.
+
+    A `keras_batchfix.Model` when the loss has an `EMACount`, else a
+    `keras.Model`.
+    """
     run_eagerly, jit_compile = MODES[mode]
     with strategy_scope(strategy):
         inputs = keras.Input(input_shape)
         dense = keras.layers.Dense(kernel.shape[-1])
-        model = keras.Model(inputs, dense(inputs))
+        model_class = (
+            keras_batchfix.Model
+            if isinstance(getattr(loss, "normalizer", None), EMACount)
+            else keras.Model
+        )
+        model = model_class(inputs, dense(inputs))
         dense.set_weights([kernel, bias])
         model.compile(
             optimizer=optimizer(), loss=loss, run_eagerly=run_eagerly,
             jit_compile=jit_compile,
         )
-    if isinstance(getattr(loss, "normalizer", None), EMACount):
-        attach_normalizers(model)
     return model
 
 
@@ -81,3 +89,13 @@ def fit_center_loss(x, y, w, c, batch_size, lr, lam, alpha, strategy=None):
         model.compile(optimizer=keras.optimizers.SGD(lr))
     history = model.fit([x, y], batch_size=batch_size, shuffle=False, verbose=0)
     return dense, layer, history
+
+
+def batch_loss(model, x, y, sample_weight=None):
+    """The model's loss on one batch `(x, y)`, metrics reset first.
+
+    (`test_on_batch` keeps a running mean across calls in Keras 3.8.)
+    """
+    return model.evaluate(
+        x, y, sample_weight=sample_weight, batch_size=len(x), verbose=0
+    )

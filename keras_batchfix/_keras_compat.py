@@ -1,0 +1,79 @@
+"""Every private Keras name the package uses, in one place.
+
+Each has no public equivalent in the Keras versions tested: 3.10.0 and 3.15.1
+(the oldest and newest of the supported range; CI runs the core tests on
+both). If a Keras release moves one, this module is the one to change.
+"""
+
+import contextlib
+
+from keras.src.backend import get_keras_mask  # noqa: F401  the mask Keras's Loss reads
+from keras.src.losses import loss as _loss_module
+from keras.src.trainers import compile_utils as _compile_utils
+
+
+def compile_loss(loss, y_true, y_pred):
+    """`(CompileLoss built on the arrays, the loss it resolved)`.
+
+    How `model.compile(loss=...)` wraps a loss: strings and functions resolved,
+    `LossFunctionWrapper` around functions, the reduction applied.
+    """
+    compiled = _compile_utils.CompileLoss(loss)
+    compiled.build(y_true, y_pred)
+    return compiled, compiled._flat_losses[0].loss
+
+
+@contextlib.contextmanager
+def keras_replica_scale(num_replicas):
+    """Makes Keras's losses scale as on `num_replicas` `tf.distribute` replicas.
+
+    Keras multiplies mean-reduced losses by `1 / num_replicas` through
+    `keras.src.losses.loss.scale_loss_for_distribution`; for `diagnose`,
+    which evaluates the replicas one after another on one device.
+    """
+    def scale(value):
+        from keras import ops
+
+        return ops.multiply(value, ops.cast(1.0 / num_replicas, value.dtype))
+
+    original = _loss_module.scale_loss_for_distribution
+    _loss_module.scale_loss_for_distribution = scale
+    try:
+        yield
+    finally:
+        _loss_module.scale_loss_for_distribution = original
+
+
+class ReplicaThreadLosses:
+    """Layer mixin: each `MirroredStrategy` replica thread reads its own `add_loss`.
+
+    `MirroredStrategy` runs the replicas of one step in threads that share a
+    layer's `add_loss` list, switching threads at every all-reduce. A loss
+    that all-reduces after the forward pass (`GlobalCount` in a compiled
+    loss) lets replica 1 add its value before replica 0 reads the list, so
+    replica 0 would log both. Keras reads the list through the private
+    `Layer._get_own_losses`, the only place to filter it.
+    """
+
+    def add_loss(self, loss):
+        import threading
+
+        from keras_batchfix import replicas
+
+        if replicas.in_replica_step():  # a traced step: a few entries per trace
+            owners = self.__dict__.setdefault("_loss_owner_threads", {})
+            for value in loss if isinstance(loss, (list, tuple)) else [loss]:
+                owners[id(value)] = threading.get_ident()
+        super().add_loss(loss)
+
+    def _get_own_losses(self):
+        import threading
+
+        from keras_batchfix import replicas
+
+        losses = super()._get_own_losses()
+        if not replicas.in_replica_step():
+            return losses
+        owners = self.__dict__.get("_loss_owner_threads", {})
+        thread = threading.get_ident()
+        return [loss for loss in losses if owners.get(id(loss), thread) == thread]

@@ -1,0 +1,95 @@
+"""`keras_batchfix.Model`: a Keras model that steps its stateful normalizers.
+
+A normalizer with state (`EMACount`) moves once per training step, after the
+step's loss. Keras tells a model whether it is training through the public
+`Model.compute_loss(..., training=...)`, so the model, not the loss, drives
+it: `NormalizerUpdates` overrides `compute_loss` to call each stateful
+normalizer's `update()` after the loss of a training step, and lists the
+normalizers in `model.metrics`, so that their variables are part of the
+model's state on every backend (JAX's stateless `fit` included).
+
+It finds the normalizers of the compiled losses (`model.loss`, a loss or a
+nest of losses) and those of the model's layers (`CenterLoss(normalizer=...)`).
+"""
+
+import keras
+
+from keras_batchfix import normalizers
+
+
+def _layers(layer):
+    """`layer`'s layers, nested models' layers included."""
+    for sublayer in getattr(layer, "layers", ()):
+        yield sublayer
+        yield from _layers(sublayer)
+
+
+class NormalizerUpdates:
+    """Mixin for `keras.Model` subclasses that use a stateful normalizer.
+
+    Put it before the model class: `class Detector(NormalizerUpdates,
+    keras.Model)`, or `class Fixed(NormalizerUpdates, SomeKerasHubModel)`.
+    An override of `compute_loss` in the model class still runs (the mixin
+    calls it first); it must take the `training` argument, as Keras's does.
+
+    Example:
+
+    ```python
+    class Detector(keras_batchfix.NormalizerUpdates, keras.Model):
+        ...
+
+    model = Detector()
+    model.compile("sgd", keras_batchfix.SSDMultiboxLoss(
+        21, normalizer=keras_batchfix.EMACount()))
+    model.fit(x, y)
+    ```
+    """
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        loss = super().compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+            training=training,
+        )
+        if training:
+            for normalizer in self.stateful_normalizers:
+                normalizer.update()
+        return loss
+
+    @property
+    def stateful_normalizers(self):
+        """The normalizers with state of the compiled losses and the layers."""
+        found = []
+        losses = keras.tree.flatten(getattr(self, "loss", None) or [])
+        candidates = [getattr(loss, "normalizer", None) for loss in losses]
+        candidates += [getattr(layer, "normalizer", None) for layer in _layers(self)]
+        for normalizer in candidates:
+            if normalizers.stateful(normalizer) and not any(
+                normalizer is other for other in found
+            ):
+                found.append(normalizer)
+        return found
+
+    @property
+    def metrics(self):
+        metrics = list(super().metrics)
+        for normalizer in self.stateful_normalizers:
+            if not any(normalizer is metric for metric in metrics):
+                metrics.append(normalizer)
+        return metrics
+
+
+@keras.saving.register_keras_serializable(package="keras_batchfix")
+class Model(NormalizerUpdates, keras.Model):
+    """`keras.Model` with `NormalizerUpdates`: a drop-in for functional models.
+
+    Example:
+
+    ```python
+    inputs = keras.Input((8732, 32))
+    model = keras_batchfix.Model(inputs, keras.layers.Dense(25)(inputs))
+    model.compile("sgd", keras_batchfix.SSDMultiboxLoss(
+        21, from_logits=True, normalizer=keras_batchfix.EMACount()))
+    ```
+    """
