@@ -22,7 +22,10 @@ Detectors (see `keras_batchfix.spike_analysis`):
 
 * `trailing (old)`: the previous monitor's rule, median and MAD of the 50
   steps before, threshold 6 (kept here for comparison);
-* `local`: the two-sided local baseline on the log-loss (`local_scores`);
+* `local, batch size ignored`: the two-sided local baseline on the log-loss
+  (`local_scores`), every step on the same scale;
+* `local`: the same, with a short batch's scale widened by `sqrt(B / b)`
+  (a mean of fewer samples is noisier), as `analyze` runs it;
 * `exponent`: short batches flagged by a significant negative batch-size
   exponent (`batch_size_exponent`, `exponent_spikes`);
 * `combined`: `analyze`, what `SpikeMonitor` reports (`local | exponent`).
@@ -121,7 +124,8 @@ def trailing_spikes(losses, threshold=6.0, window=50, min_history=10, min_scale=
 
 DETECTORS = {
     "trailing (old)": lambda l, s, r: trailing_spikes(l),
-    "local": lambda l, s, r: analysis.local_scores(l).spikes,
+    "local, batch size ignored": lambda l, s, r: analysis.local_scores(l).spikes,
+    "local": lambda l, s, r: analysis.local_scores(l, batch_sizes=s).spikes,
     "exponent": lambda l, s, r: analysis.exponent_spikes(
         s, analysis.batch_size_exponent(l, s)
     ),

@@ -75,6 +75,9 @@ class DetectorConfig:
             nearly noiseless loss does not turn rounding into spikes.
         exponent_z: `|beta| / stderr` above which the batch-size exponent
             counts as significant.
+        min_exponent: a significant exponent smaller than this in magnitude
+            counts as no batch-size effect (which samples the short batch
+            holds can move `beta` by about 0.2).
         min_ratio: a significant exponent flags the short batches it inflates
             by at least this factor (`(B / b) ** -beta >= min_ratio`).
         lookback: steps back a short batch, a learning-rate change or a
@@ -84,9 +87,10 @@ class DetectorConfig:
 
     threshold: float = 5.0
     half_window: int = 5
-    scale_window: int = 50
+    scale_window: int = 20
     min_scale: float = 0.02
     exponent_z: float = 4.0
+    min_exponent: float = 0.25
     min_ratio: float = 1.2
     lookback: int = 2
     lr_rtol: float = 0.05
@@ -98,6 +102,7 @@ class DetectorConfig:
             ("scale_window", int(self.scale_window) >= 1, "an integer >= 1"),
             ("min_scale", self.min_scale > 0, "> 0"),
             ("exponent_z", self.exponent_z > 0, "> 0"),
+            ("min_exponent", self.min_exponent >= 0, ">= 0"),
             ("min_ratio", self.min_ratio >= 1, ">= 1"),
             ("lookback", int(self.lookback) >= 0, "an integer >= 0"),
             ("lr_rtol", self.lr_rtol >= 0, ">= 0"),
@@ -129,7 +134,8 @@ class BatchSizeExponent:
         value: the fitted exponent `beta` (NaN with fewer than two sizes).
         stderr: its standard error (heteroscedasticity-robust, HC1).
         steps: steps in the fit; `sizes`: distinct batch sizes among them.
-        significant: `|value| > exponent_z * stderr`.
+        significant: `|value| > exponent_z * stderr` and
+            `|value| >= min_exponent`.
     """
 
     value: float
@@ -208,12 +214,17 @@ def _window_median(values, start, stop, min_count=1):
     return np.where(np.sum(np.isfinite(windows), axis=1) >= min_count, median, np.nan)
 
 
-def local_scores(losses, config=DetectorConfig()):
+def local_scores(losses, config=DetectorConfig(), batch_sizes=None):
     """Scores every step against a two-sided local baseline (module docstring).
+
+    With `batch_sizes`, the scale of a batch of `b_t < B` samples is
+    `scale_t * sqrt(B / b_t)`: the mean of fewer samples is noisier, and a
+    short batch that is merely unlucky is not a spike.
 
     Args:
         losses: 1-D per-step losses (> 0; other entries are skipped).
         config: a `DetectorConfig`.
+        batch_sizes: 1-D per-step batch sizes, or None (all alike).
 
     Returns:
         A `LocalScores`.
@@ -243,6 +254,10 @@ def local_scores(losses, config=DetectorConfig()):
     w = int(config.scale_window)
     spread = 1.4826 * _window_median(np.abs(residual), -w, w + 1)
     scale = np.fmax(spread, config.min_scale)
+    if batch_sizes is not None:
+        sizes = np.asarray(batch_sizes, dtype="float64")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = scale * np.sqrt(np.fmax(usual_batch_size(sizes) / sizes, 1.0))
     score = residual / scale
     with np.errstate(invalid="ignore"):
         spikes = (score > config.threshold) & (excess > 0.5 * config.threshold * scale)
@@ -290,7 +305,7 @@ def batch_size_exponent(losses, batch_sizes, config=DetectorConfig()):
     errors = r - r.mean() - beta * dx
     stderr = math.sqrt(n / (n - 2) * float(np.sum(dx**2 * errors**2))) / sxx
     stderr = max(stderr, 1e-12)
-    significant = abs(beta) > config.exponent_z * stderr
+    significant = abs(beta) > config.exponent_z * stderr and abs(beta) >= config.min_exponent
     return BatchSizeExponent(beta, stderr, n, distinct, bool(significant))
 
 
@@ -380,7 +395,7 @@ def analyze(losses, batch_sizes, learning_rates, grad_norms=None, config=Detecto
     docstring). Returns a `SpikeReport`.
     """
     losses = np.asarray(losses, dtype="float64")
-    scores = local_scores(losses, config)
+    scores = local_scores(losses, config, batch_sizes)
     exponent = batch_size_exponent(losses, batch_sizes, config)
     spikes = scores.spikes | exponent_spikes(batch_sizes, exponent, config)
     causes = attribute(spikes, batch_sizes, learning_rates, grad_norms, config)
