@@ -170,7 +170,8 @@ class BatchSizeExponent:
             "batch_size": "it is summed over the batch; return per-sample values or "
             "divide by the batch size",
             "invariant": "it does not depend on the batch size",
-            "other": "it depends on the batch size; check it with keras_batchfix.diagnose",
+            "other": "it depends on the batch size (or the short batches hold other "
+            "samples than the rest); check it with keras_batchfix.diagnose",
         }[self.verdict]
         return f"{scaling}: {advice}"
 

@@ -155,6 +155,9 @@ class LogsRecorder(StepRecorder):
         means, grad_norms = (
             np.array([self._logged[b][i] for b in ends], dtype="float64") for i in range(2)
         )
+        steps = self._callback.params.get("steps")
+        if steps:  # Keras reports an execution's end as `begin + k - 1`, even past the last
+            ends = np.minimum(ends, steps - 1)
         batches = np.diff(ends, prepend=-1)
         seen = self._samples_seen(ends, batches)
         sums = means * seen

@@ -65,13 +65,15 @@ def _pyplot_figure():
 
 
 def _tensorflow():
+    """TensorFlow, whose `tf.summary.scalar` the `tensorboard` package implements."""
     try:
+        import tensorboard  # noqa: F401
         import tensorflow as tf
     except ImportError as error:
         raise ImportError(
-            "SpikeMonitor(tensorboard=True) writes through `tf.summary` and needs "
-            "TensorFlow: `pip install keras-batchfix[tensorflow]`, or pass "
-            "tensorboard=False (steps.csv has the same values)."
+            "SpikeMonitor(tensorboard=True) writes through `tf.summary.scalar` and "
+            "needs TensorFlow and TensorBoard: `pip install keras-batchfix[tensorflow] "
+            "tensorboard`, or pass tensorboard=False (steps.csv has the same values)."
         ) from error
     return tf
 
