@@ -225,11 +225,17 @@ def _schedule_of(optimizer):
 
 
 def _evaluate(schedule, iterations):
-    """The schedule's rate at each iteration, as float64."""
-    if iterations.size == 0:
-        return np.zeros(0)
-    steps = keras.ops.convert_to_tensor(iterations.astype("int64"))
-    values = np.asarray(keras.ops.convert_to_numpy(schedule(steps)), dtype="float64")
-    if values.shape == iterations.shape:
-        return values
+    """The schedule's rate at each iteration, as float64.
+
+    One call on all iterations where the schedule is elementwise; one call
+    per iteration where it is not (PiecewiseConstantDecay on torch writes in
+    place into a scalar, for one).
+    """
+    try:
+        steps = keras.ops.convert_to_tensor(iterations.astype("int64"))
+        values = np.asarray(keras.ops.convert_to_numpy(schedule(steps)), dtype="float64")
+        if values.shape == iterations.shape:
+            return values
+    except (RuntimeError, TypeError, ValueError):
+        pass
     return np.array([float(keras.ops.convert_to_numpy(schedule(int(i)))) for i in iterations])
