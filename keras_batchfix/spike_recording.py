@@ -28,12 +28,14 @@ What `LogsRecorder` reads, and how a step's loss follows:
 * the learning rate: for a `LearningRateSchedule` (found through
   `optimizer.get_config()`), the schedule at each step's iteration
   (`optimizer.iterations` at the start of `fit` plus the steps since), exact
-  on every backend; otherwise `optimizer.learning_rate`, read before each
-  step, so that changes by callbacks (`LearningRateScheduler`,
-  `ReduceLROnPlateau`) are seen. On JAX the trainer keeps the optimizer's
-  state out of its variables during an epoch, so there it is read before
-  the epoch's first step (after every `on_epoch_begin`): a rate a callback
-  changes within an epoch shows from the next epoch.
+  on every backend; otherwise `optimizer.learning_rate`, read with the
+  counts (before the epoch's first, second and last steps; the first after
+  every `on_epoch_begin`), so that the changes of epoch-level callbacks
+  (`LearningRateScheduler`, `ReduceLROnPlateau`) are seen at their step. A
+  rate that a callback changes at some other step shows from the next read:
+  reading it every step would cost a device read each step (and on JAX a
+  state sync, the trainer keeping the optimizer's state out of its
+  variables during an epoch).
 
 On JAX, `Callback.model` syncs the trainer's state into the variables; the
 recorder goes through it only at those three points of an epoch. Per step it
@@ -110,8 +112,6 @@ class LogsRecorder(StepRecorder):
         self._schedule = _schedule_of(self._optimizer)
         self._iteration = int(keras.ops.convert_to_numpy(self._optimizer.iterations))
         self.steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
-        # JAX keeps the optimizer's state out of its variables during an epoch.
-        self._rate_every_step = keras.backend.backend() != "jax"
         self._begin_epoch()
 
     def _begin_epoch(self):
@@ -126,15 +126,22 @@ class LogsRecorder(StepRecorder):
         return float(keras.ops.convert_to_numpy(_loss_metric(self._callback.model).count))
 
     def batch_begin(self, batch):
-        if self._schedule is None and (batch == 0 or self._rate_every_step):
+        steps = self._callback.params.get("steps")
+        if batch == 0:
+            self._read_rate(batch)
+        elif self._first is None:
+            self._first = self._count()
+            self._read_rate(batch)
+        if steps and batch > 0 and batch + self.steps_per_execution >= steps:
+            self._before_last = self._count()
+            self._read_rate(batch)
+
+    def _read_rate(self, batch):
+        """`optimizer.learning_rate` now, for the steps from `batch` on (no schedule)."""
+        if self._schedule is None:
             self._rates[int(batch)] = float(
                 keras.ops.convert_to_numpy(self._optimizer.learning_rate)
             )
-        steps = self._callback.params.get("steps")
-        if batch > 0 and self._first is None:
-            self._first = self._count()
-        if steps and batch > 0 and batch + self.steps_per_execution >= steps:
-            self._before_last = self._count()
 
     def batch_end(self, batch, logs):
         logs = logs or {}
