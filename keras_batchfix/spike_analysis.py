@@ -15,28 +15,32 @@ Two detectors, each measured against the other in the benchmark:
       residual_t = y_t - baseline_t
       excess_t   = y_t - max(left_t, right_t)    (above both sides)
       scale_t    = max(1.4826 * median_{|s - t| <= scale_window} |residual_s|,
-                       min_scale)
+                       min_scale) * sqrt(max(B / b_t, 1))
       score_t    = residual_t / scale_t
 
-  Step `t` is a spike when `score_t > threshold` and
+  (`b_t` the step's batch size, `B` the usual one: a mean of fewer samples
+  is noisier.) Step `t` is a spike when `score_t > threshold` and
   `excess_t > threshold * scale_t / 2`: a step above its trend *and* above
   both of its neighbourhoods, so a falling curve or a drop after a
-  learning-rate decay (level shifts) is not a spike.
+  learning-rate decay (level shifts) is not a spike. A side needs at least
+  `(half_window + 1) // 2` steps: the first steps of a run are not scored,
+  and at its end the left side's trend is extrapolated.
 
 * `batch_size_exponent`, a direct test of the cause: the regression of the
   detrended log-loss on the log batch size, over all steps of the run,
 
-      residual_t = beta * log(b_t / B) + noise,
+      residual_t = beta * log(b_t / B) + noise.
 
-  `B` the usual batch size. The loss scales as `B**beta`: `beta = 0` for a
-  loss that does not depend on the batch size, `-1` for one divided by the
-  batch size twice (the short batch of `b` spikes by `B / b`). No single
-  spike need be large: 12 short batches of a 2x spike in noisy steps give
-  `beta` to about +-0.1.
+  The loss scales as `B**beta`: `beta = 0` for a loss that does not depend
+  on the batch size, `-1` for one divided by the batch size twice (the short
+  batch of `b` spikes by `B / b`), `+1` for an unnormalized sum. No single
+  spike need be large: 12 short batches of a 1.5x spike in 10% noise give
+  `beta` to +-0.14 (95% CI). It counts when `|beta| > exponent_z * stderr` and
+  `|beta| >= min_exponent`.
 
-`analyze` runs both, flags a short batch when either detector finds it (the
-exponent only when it is significantly negative), and names causes with
-`attribute`.
+`analyze` runs both, flags a step when the local detector does or when it is
+a short batch that a significant negative exponent inflates by `min_ratio`
+or more, and names causes with `attribute`.
 
 Example:
 
@@ -54,9 +58,6 @@ import math
 import warnings
 
 import numpy as np
-
-#: Causes `attribute` can name (joined with "+" when several apply).
-CAUSES = ("short_batch", "after_short_batch", "lr_change", "grad_norm", "unknown")
 
 #: z of a two-sided 95% confidence interval.
 Z95 = 1.959964

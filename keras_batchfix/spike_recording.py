@@ -102,6 +102,7 @@ class LogsRecorder(StepRecorder):
 
     def __init__(self, grad_norm_key="grad_norm"):
         self.grad_norm_key = grad_norm_key
+        self._begin_epoch()  # `evaluate` outside `fit` calls test_begin
 
     def start(self, callback):
         self._callback = callback
