@@ -11,7 +11,7 @@ Example:
 ```python
 check_log_dir("runs/spikes")              # in on_train_begin
 write_csv("runs/spikes/steps.csv", steps)
-print(summary(steps, report, log_dir="runs/spikes"))
+text = summary(steps, report, log_dir="runs/spikes")  # "SpikeMonitor: 84 steps, ..."
 ```
 """
 

@@ -123,8 +123,17 @@ def attributes(model):
 
 
 class Interrupt(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt before batch `batch` of epoch `epoch` (once)."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.at, self.epoch, self.armed = (epoch, batch), None, True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
     def on_train_batch_begin(self, batch, logs=None):
-        if self.params and batch == 3 and getattr(self, "armed", True):
+        if self.armed and (self.epoch, batch) == self.at:
             self.armed = False
             raise KeyboardInterrupt
 
@@ -146,11 +155,9 @@ def test_nothing_to_undo_when_fit_raises():
         before = attributes(model)
         monitor = keras_batchfix.SpikeMonitor(verbose=0)
         callbacks = [monitor] if with_monitor else []
-        interrupt = Interrupt()
         with pytest.raises(KeyboardInterrupt):
             model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0,
-                      callbacks=[*callbacks, interrupt])
-        interrupt.armed = False
+                      callbacks=[*callbacks, Interrupt(epoch=0, batch=3)])
         assert attributes(model) == before
         model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
         weights.append(model.get_weights())
@@ -162,12 +169,8 @@ def test_nothing_to_undo_when_fit_raises():
 
 def test_analyze_after_an_interrupted_fit():
     monitor = keras_batchfix.SpikeMonitor(verbose=0)
-    interrupt = Interrupt()
-    interrupt.on_train_batch_begin = lambda batch, logs=None: (
-        Interrupt.on_train_batch_begin(interrupt, batch) if monitor._epochs else None
-    )
     with pytest.raises(KeyboardInterrupt):
-        user_fit(ssd_style_loss, 0.01, monitor, epochs=3, callbacks=[interrupt])
+        user_fit(ssd_style_loss, 0.01, monitor, epochs=3, callbacks=[Interrupt(epoch=1, batch=3)])
     monitor.analyze()
     assert len(monitor.steps["loss"]) == 7  # the one epoch that ended
 
