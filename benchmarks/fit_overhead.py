@@ -3,8 +3,7 @@
 Each backend runs in its own process (see `harness.run_worker`). There, a
 small MLP is trained with `fit` on Keras's `"mse"` (the baseline), on
 `compensate(keras.losses.MeanSquaredError())` (the wrapper's cost: its own
-reduction instead of Keras's), with `SpikeMonitor`, and with
-`SpikeMonitor(gradient_norm=True)`, all interleaved. Each `fit` runs four
+reduction instead of Keras's) and with `SpikeMonitor`, all interleaved. Each `fit` runs four
 epochs and the last three are timed (the first includes tracing). The ratio of
 a configuration is the median over timed epochs of its step time divided by
 the baseline's step time in the same epoch of the same repeat (pairs measured
@@ -16,14 +15,13 @@ per epoch (all threads): other processes' load inflates it far less than wall
 time, so it is the estimate to read on a shared machine. "baseline again" is a
 second model identical to the baseline, measured the same way: how far its
 ratios stray from 1 is how much of any other ratio is noise. "hooks" is the
-share of the timed epoch spent in the monitor's own Python code (its hooks
-and, on torch, the per-step recording; see `HookTimer`): measured inside the
-same steps, it is immune to the drift that blurs the ratios, and on torch it
-is the monitor's whole cost but for what the interpreter and allocator do
-around it. On JAX the run also counts the operations of the traced loss
-(`compute_loss`) for the baseline and `compensate` (a count, not a time, exact
-on any machine), and times the monitored model's compiled train step alone,
-outside `fit`, against the baseline's (`jax_compiled_step_ratio`).
+share of the timed epoch spent in the monitor's own Python code (its hooks;
+see `HookTimer`): measured inside the same steps, it is immune to the drift
+that blurs the ratios, and it is the monitor's whole cost, since the monitor
+leaves the compiled step as it is (it reads `logs` and, three times an
+epoch, the loss metric's sample count). On JAX the run also counts the
+operations of the traced loss (`compute_loss`) for the baseline and
+`compensate` (a count, not a time, exact on any machine).
 
     python benchmarks/fit_overhead.py            # all three backends
     python benchmarks/fit_overhead.py --backends jax --repeats 9
@@ -44,7 +42,6 @@ CONFIGS = (
     "baseline again",  # a second, identical model: the run's noise floor
     "compensate(mse)",
     "SpikeMonitor",
-    "SpikeMonitor(gradient_norm=True)",
 )
 
 
@@ -57,15 +54,13 @@ def worker(args):
     class HookTimer:
         """Wall time spent in a monitor's own Python code, in total.
 
-        Wraps (on the instance) the monitor's epoch and batch hooks and the
-        per-step recording that the loss tracker's wrapper calls: on torch,
-        where the step runs eagerly, that is all the monitor adds to a step;
-        on TensorFlow and JAX the recording runs once, at tracing, and its
-        cost per step is inside the compiled step (seen only in the ratios).
+        Wraps (on the instance) the monitor's hooks: everything the monitor
+        does during `fit` (the batch-end hook may run in Keras's worker
+        thread; its time is counted all the same).
         """
 
-        METHODS = ("on_epoch_begin", "on_train_batch_begin", "on_epoch_end",
-                   "_record_step", "_global_norm")
+        METHODS = ("on_train_batch_begin", "on_train_batch_end", "on_test_begin",
+                   "on_epoch_end")
 
         def __init__(self, monitor):
             self.seconds = 0.0
@@ -86,7 +81,7 @@ def worker(args):
         """Wall and CPU time of each epoch (epoch hooks only: no per-step cost).
 
         Passed last, so the epoch it times includes the other callbacks'
-        `on_epoch_end` (the monitor reads its buffer there).
+        `on_epoch_end` (the monitor assembles the epoch's rows there).
         """
 
         def __init__(self, hooks=None):
@@ -127,9 +122,7 @@ def worker(args):
         if not name.startswith("SpikeMonitor"):
             timer = EpochTimer()
             return [timer], timer
-        monitor = keras_batchfix.SpikeMonitor(
-            gradient_norm="gradient_norm" in name, verbose=0
-        )
+        monitor = keras_batchfix.SpikeMonitor(verbose=0)
         timer = EpochTimer(HookTimer(monitor))
         return [monitor, timer], timer
 
@@ -156,23 +149,16 @@ def worker(args):
                 )
     base = step_times["baseline"]
     cpu_base = cpu_times["baseline"]
-    loss_ops, compiled = {}, {}
+    loss_ops = {}
     if keras.backend.backend() == "jax":
         loss_ops = {
             name: traced_loss_ops(models[name], y)
             for name in ("baseline", "compensate(mse)")
         }
-        compiled = {
-            "SpikeMonitor": jax_compiled_step_ratio(
-                make_model, x[: args.batch_size], y[: args.batch_size],
-                rounds=max(3, 4 * args.repeats),
-            )
-        }
     emit(
         {
             name: {
                 "loss_ops": loss_ops.get(name),
-                "compiled_step_ratio": compiled.get(name),
                 "step_us": statistics.median(step_times[name]) * 1e6,
                 "ratio": statistics.median(
                     t / b for t, b in zip(step_times[name], base)
@@ -185,55 +171,6 @@ def worker(args):
             }
             for name in CONFIGS
         }
-    )
-
-
-def jax_compiled_step_ratio(make_model, x, y, rounds, steps=100):
-    """JAX: the monitored model's compiled train step against the baseline's.
-
-    Each model's `train_function` (the jitted step that `fit` calls) is called
-    directly on one batch, `steps` steps in turn with the other model's, for
-    `rounds` rounds: no data pipeline, no callbacks, no `fit` loop, so this is
-    what the recording adds to the step itself. The state is gathered with
-    the trainer's `_get_jax_state`, as `fit` does. Median of paired ratios.
-    """
-    import jax
-
-    import keras_batchfix
-
-    batch = (jax.numpy.asarray(x), jax.numpy.asarray(y))
-
-    class OneBatch:
-        def __next__(self):
-            return batch
-
-    runs = {}
-    monitor = keras_batchfix.SpikeMonitor(verbose=0)
-    for name in ("baseline", "SpikeMonitor"):
-        model = make_model("baseline")
-        model.fit(x, y, verbose=0)  # builds the model and its train function
-        if name == "SpikeMonitor":
-            monitor.set_model(model)
-            monitor.set_params({"epochs": 1, "steps": steps})
-            monitor.on_train_begin()  # patches and retraces; the model is thrown away
-        state = model._get_jax_state(
-            trainable_variables=True, non_trainable_variables=True,
-            optimizer_variables=True, metrics_variables=True,
-            purge_model_variables=True,
-        )
-        runs[name] = [model, state, []]
-    for _ in range(rounds):
-        for run in runs.values():
-            model, state, times = run
-            start = time.perf_counter()
-            for _ in range(steps):
-                _, state = model.train_function(state, OneBatch())
-            jax.block_until_ready(state)
-            times.append(time.perf_counter() - start)
-            run[1] = state
-    base = runs["baseline"][2]
-    return statistics.median(
-        t / b for t, b in zip(runs["SpikeMonitor"][2], base)
     )
 
 
@@ -297,11 +234,6 @@ def main():
                 f"{backend:11s} {name:34s} {row['step_us']:10.1f} {row['ratio']:7.3f}"
                 f" {row['min_ratio']:9.3f} {row['cpu_ratio']:9.3f}"
                 f" {100 * row['hooks']:5.2f}%"
-            )
-        if backend == "jax":
-            print(
-                f"jax: the SpikeMonitor's compiled train step alone (outside fit)"
-                f" against the baseline's: {results['SpikeMonitor']['compiled_step_ratio']:.3f}"
             )
     if loss_ops:
         base = loss_ops["baseline"]

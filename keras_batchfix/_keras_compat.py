@@ -77,3 +77,11 @@ class ReplicaThreadLosses:
         owners = self.__dict__.get("_loss_owner_threads", {})
         thread = threading.get_ident()
         return [loss for loss in losses if owners.get(id(loss), thread) == thread]
+
+
+# --- SpikeMonitor (issue 15) -------------------------------------------------
+# `print_msg` writes a message to stdout, or to absl logging once interactive
+# logging is off (`keras.config.disable_interactive_logging()`), as Keras's own
+# callbacks do. It lives in `keras.src.utils.io_utils` (Keras 3.10.0 and
+# 3.15.1; the SpikeMonitor tests ran on 3.15.1) and `keras.utils` has no alias.
+from keras.src.utils.io_utils import print_msg  # noqa: E402,F401

@@ -1,0 +1,404 @@
+"""Spikes in a per-step loss curve, and their causes (NumPy only, no Keras).
+
+Everything here works on plain arrays with one entry per training step: the
+loss of that step's batch, its batch size, the learning rate and, when known,
+the global gradient norm. `SpikeMonitor` feeds it what it recorded during
+`fit`; `benchmarks/spike_detection.py` feeds it synthetic traces.
+
+Two detectors, each measured against the other in the benchmark:
+
+* `local_scores`, a two-sided local baseline on the log-loss. With
+  `y_t = log(loss_t)`, `left_t` and `right_t` the medians of `y` over the
+  `half_window` steps before and after `t`:
+
+      baseline_t = (left_t + right_t) / 2        (linear trends cancel)
+      residual_t = y_t - baseline_t
+      excess_t   = y_t - max(left_t, right_t)    (above both sides)
+      scale_t    = max(1.4826 * median_{|s - t| <= scale_window} |residual_s|,
+                       min_scale) * sqrt(max(B / b_t, 1))
+      score_t    = residual_t / scale_t
+
+  (`b_t` the step's batch size, `B` the usual one: a mean of fewer samples
+  is noisier.) Step `t` is a spike when `score_t > threshold` and
+  `excess_t > threshold * scale_t / 2`: a step above its trend *and* above
+  both of its neighbourhoods, so a falling curve or a drop after a
+  learning-rate decay (level shifts) is not a spike. A side needs at least
+  `(half_window + 1) // 2` steps: the first steps of a run are not scored,
+  and at its end the left side's trend is extrapolated.
+
+* `batch_size_exponent`, a direct test of the cause: the regression of the
+  detrended log-loss on the log batch size, over all steps of the run,
+
+      residual_t = beta * log(b_t / B) + noise.
+
+  The loss scales as `B**beta`: `beta = 0` for a loss that does not depend
+  on the batch size, `-1` for one divided by the batch size twice (the short
+  batch of `b` spikes by `B / b`), `+1` for an unnormalized sum. No single
+  spike need be large: 12 short batches of a 1.5x spike in 10% noise give
+  `beta` to +-0.14 (95% CI). It counts when `|beta| > exponent_z * stderr` and
+  `|beta| >= min_exponent`.
+
+`analyze` runs both, flags a step when the local detector does or when it is
+a short batch that a significant negative exponent inflates by `min_ratio`
+or more, and names causes with `attribute`.
+
+Example:
+
+>>> losses = np.full(70, 1.0); losses[6::7] = 4.0   # every 7th batch is 4x
+>>> sizes = np.full(70, 16); sizes[6::7] = 4          # ... and 4 samples
+>>> report = analyze(losses, sizes, np.full(70, 0.1))
+>>> int(report.spikes.sum()), report.causes[6]
+(10, 'short_batch')
+>>> round(report.exponent.value, 2)
+-1.0
+"""
+
+import dataclasses
+import math
+import warnings
+
+import numpy as np
+
+#: z of a two-sided 95% confidence interval.
+Z95 = 1.959964
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorConfig:
+    """Settings shared by `local_scores`, `batch_size_exponent` and `analyze`.
+
+    Attributes:
+        threshold: score above which a step is a spike (robust SDs of the
+            log-loss around its local baseline).
+        half_window: steps on each side of the local baseline.
+        scale_window: steps on each side over which the scale is estimated.
+        min_scale: floor of the scale, in log units (0.02: 2%), so that a
+            nearly noiseless loss does not turn rounding into spikes.
+        exponent_z: `|beta| / stderr` above which the batch-size exponent
+            counts as significant.
+        min_exponent: a significant exponent smaller than this in magnitude
+            counts as no batch-size effect (which samples the short batch
+            holds can move `beta` by about 0.2).
+        min_ratio: a significant exponent flags the short batches it inflates
+            by at least this factor (`(B / b) ** -beta >= min_ratio`).
+        lookback: steps back a short batch, a learning-rate change or a
+            gradient-norm spike may explain a spike.
+        lr_rtol: relative learning-rate change that counts as a change.
+    """
+
+    threshold: float = 5.0
+    half_window: int = 5
+    scale_window: int = 20
+    min_scale: float = 0.02
+    exponent_z: float = 4.0
+    min_exponent: float = 0.25
+    min_ratio: float = 1.2
+    lookback: int = 2
+    lr_rtol: float = 0.05
+
+    def __post_init__(self):
+        checks = (
+            ("threshold", self.threshold > 0, "> 0"),
+            ("half_window", int(self.half_window) >= 1, "an integer >= 1"),
+            ("scale_window", int(self.scale_window) >= 1, "an integer >= 1"),
+            ("min_scale", self.min_scale > 0, "> 0"),
+            ("exponent_z", self.exponent_z > 0, "> 0"),
+            ("min_exponent", self.min_exponent >= 0, ">= 0"),
+            ("min_ratio", self.min_ratio >= 1, ">= 1"),
+            ("lookback", int(self.lookback) >= 0, "an integer >= 0"),
+            ("lr_rtol", self.lr_rtol >= 0, ">= 0"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(
+                    f"Argument `{name}` must be {expected}; received "
+                    f"{getattr(self, name)!r}."
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalScores:
+    """Output of `local_scores`: one value per step (NaN where undefined)."""
+
+    residual: np.ndarray
+    excess: np.ndarray
+    scale: np.ndarray
+    score: np.ndarray
+    spikes: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSizeExponent:
+    """The loss's batch-size exponent in a run: `loss ~ B ** value`.
+
+    Attributes:
+        value: the fitted exponent `beta` (NaN with fewer than two sizes).
+        stderr: its standard error (heteroscedasticity-robust, HC1).
+        steps: steps in the fit; `sizes`: distinct batch sizes among them.
+        significant: `|value| > exponent_z * stderr` and
+            `|value| >= min_exponent`.
+    """
+
+    value: float
+    stderr: float
+    steps: int
+    sizes: int
+    significant: bool
+
+    @property
+    def verdict(self):
+        """`"inverse_batch_size"`, `"batch_size"`, `"invariant"`, `"other"` or `"unknown"`."""
+        if not math.isfinite(self.value):
+            return "unknown"
+        if not self.significant:
+            return "invariant"
+        for target, name in ((-1.0, "inverse_batch_size"), (1.0, "batch_size")):
+            if abs(self.value - target) <= max(0.25, Z95 * self.stderr):
+                return name
+        return "other"
+
+    def message(self):
+        """One sentence, e.g. "... B^-1.00 ± 0.05: divided by the batch size twice ..."."""
+        if self.verdict == "unknown":
+            return "the batch size never changed in this run: its effect on the loss is unknown"
+        scaling = (
+            f"in this run your loss scales as B^{self.value:+.2f} ± "
+            f"{Z95 * self.stderr:.2f} (95% CI, {self.steps} steps, {self.sizes} batch sizes)"
+        )
+        advice = {
+            "inverse_batch_size": "it is divided by the batch size twice; wrap it in "
+            "keras_batchfix.compensate",
+            "batch_size": "it is summed over the batch; return per-sample values or "
+            "divide by the batch size",
+            "invariant": "it does not depend on the batch size",
+            "other": "it depends on the batch size (or the short batches hold other "
+            "samples than the rest); check it with keras_batchfix.diagnose",
+        }[self.verdict]
+        return f"{scaling}: {advice}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SpikeReport:
+    """Output of `analyze`: per-step arrays, the causes, and the exponent."""
+
+    scores: LocalScores
+    spikes: np.ndarray
+    causes: list
+    exponent: BatchSizeExponent
+    usual_batch_size: float
+
+
+def usual_batch_size(batch_sizes):
+    """The most common batch size (the largest of equally common ones).
+
+    >>> usual_batch_size([16, 16, 4, 16, 16, 4])
+    16.0
+    """
+    sizes = np.asarray(batch_sizes, dtype="float64")
+    sizes = sizes[np.isfinite(sizes)]
+    if sizes.size == 0:
+        return float("nan")
+    values, counts = np.unique(sizes, return_counts=True)
+    return float(values[counts == counts.max()].max())
+
+
+def _window_median(values, start, stop, min_count=1):
+    """Median of `values[t + start : t + stop]` for every step `t`, NaN where
+    the window (clipped to the array) holds fewer than `min_count` finite values."""
+    n = values.size
+    pad = max(abs(start), abs(stop))
+    padded = np.concatenate([np.full(pad, np.nan), values, np.full(pad, np.nan)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, stop - start)
+    windows = windows[pad + start : pad + start + n]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows
+        median = np.nanmedian(windows, axis=1)
+    return np.where(np.sum(np.isfinite(windows), axis=1) >= min_count, median, np.nan)
+
+
+def local_scores(losses, config=DetectorConfig(), batch_sizes=None):
+    """Scores every step against a two-sided local baseline (module docstring).
+
+    With `batch_sizes`, the scale of a batch of `b_t < B` samples is
+    `scale_t * sqrt(B / b_t)`: the mean of fewer samples is noisier, and a
+    short batch that is merely unlucky is not a spike.
+
+    Args:
+        losses: 1-D per-step losses (> 0; other entries are skipped).
+        config: a `DetectorConfig`.
+        batch_sizes: 1-D per-step batch sizes, or None (all alike).
+
+    Returns:
+        A `LocalScores`.
+
+    Example:
+
+    >>> losses = np.exp(-np.arange(60) / 20.0); losses[30] *= 3.0
+    >>> np.nonzero(local_scores(losses).spikes)[0]
+    array([30])
+    """
+    losses = np.asarray(losses, dtype="float64")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.where(losses > 0, np.log(losses), np.nan)
+    h = int(config.half_window)
+    need = (h + 1) // 2
+    left = _window_median(y, -h, 0, need)
+    right = _window_median(y, 1, h + 1, need)
+    # Without a right side (the end of the run), the left side's trend is
+    # extrapolated from its median and the one before it, `h` steps apart.
+    far_left = _window_median(y, -2 * h, -h, need)
+    trend = np.nan_to_num((left - far_left) / h) * (h + 1) / 2
+    one_sided = np.isnan(right)
+    baseline = np.where(one_sided, left + trend, (left + right) / 2)
+    upper = np.where(one_sided, left + trend, np.fmax(left, right))
+    residual = y - baseline
+    excess = y - upper
+    w = int(config.scale_window)
+    spread = 1.4826 * _window_median(np.abs(residual), -w, w + 1)
+    scale = np.fmax(spread, config.min_scale)
+    if batch_sizes is not None:
+        sizes = np.asarray(batch_sizes, dtype="float64")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = scale * np.sqrt(np.fmax(usual_batch_size(sizes) / sizes, 1.0))
+    score = residual / scale
+    with np.errstate(invalid="ignore"):
+        spikes = (score > config.threshold) & (excess > 0.5 * config.threshold * scale)
+    return LocalScores(residual, excess, scale, score, spikes)
+
+
+def batch_size_exponent(losses, batch_sizes, config=DetectorConfig()):
+    """The batch-size exponent `beta` of a run: `loss ~ B ** beta`.
+
+    Regresses the detrended log-loss (`residual_t` of `local_scores`) on
+    `log(b_t / B)` by least squares with an intercept:
+
+        beta = sum((x_t - xbar) * r_t) / sum((x_t - xbar) ** 2)
+
+    with the HC1 standard error
+    `sqrt(n / (n - 2) * sum((x_t - xbar)**2 * e_t**2)) / sum((x_t - xbar)**2)`,
+    `e_t` the fit's residuals (short batches are noisier than full ones).
+
+    Example:
+
+    >>> losses = np.ones(70); losses[6::7] = 4.0
+    >>> sizes = np.full(70, 16.0); sizes[6::7] = 4.0
+    >>> round(batch_size_exponent(losses, sizes).value, 3)
+    -1.0
+    """
+    losses = np.asarray(losses, dtype="float64")
+    sizes = np.asarray(batch_sizes, dtype="float64")
+    if losses.shape != sizes.shape:
+        raise ValueError(
+            "Arguments `losses` and `batch_sizes` must have the same shape; "
+            f"received {losses.shape} and {sizes.shape}."
+        )
+    residual = local_scores(losses, config).residual
+    usual = usual_batch_size(sizes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.log(sizes / usual)
+    keep = np.isfinite(x) & np.isfinite(residual)
+    x, r = x[keep], residual[keep]
+    n, distinct = int(x.size), int(np.unique(x).size)
+    if n < 3 or distinct < 2:
+        return BatchSizeExponent(float("nan"), float("nan"), n, distinct, False)
+    dx = x - x.mean()
+    sxx = float(np.sum(dx**2))
+    beta = float(np.sum(dx * r) / sxx)
+    errors = r - r.mean() - beta * dx
+    stderr = math.sqrt(n / (n - 2) * float(np.sum(dx**2 * errors**2))) / sxx
+    stderr = max(stderr, 1e-12)
+    significant = abs(beta) > config.exponent_z * stderr and abs(beta) >= config.min_exponent
+    return BatchSizeExponent(beta, stderr, n, distinct, bool(significant))
+
+
+def exponent_spikes(batch_sizes, exponent, config=DetectorConfig()):
+    """Short batches that a significant negative exponent inflates.
+
+    Step `t` is flagged when `(B / b_t) ** -beta >= min_ratio`, `beta` the
+    run's exponent, only if it is significant and negative.
+
+    >>> exp = BatchSizeExponent(-1.0, 0.05, 70, 2, True)
+    >>> exponent_spikes([16, 16, 4], exp).tolist()
+    [False, False, True]
+    """
+    sizes = np.asarray(batch_sizes, dtype="float64")
+    if not (exponent.significant and exponent.value < 0):
+        return np.zeros(sizes.shape, dtype=bool)
+    usual = usual_batch_size(sizes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inflation = (usual / sizes) ** -exponent.value
+    return np.nan_to_num(inflation, nan=0.0) >= config.min_ratio
+
+
+def _changed(values, rtol):
+    """`|v_t - v_{t-1}| > rtol * |v_{t-1}|` per step (False at step 0)."""
+    values = np.asarray(values, dtype="float64")
+    changed = np.zeros(values.shape, dtype=bool)
+    if values.size > 1:
+        previous, current = values[:-1], values[1:]
+        with np.errstate(invalid="ignore"):
+            changed[1:] = np.abs(current - previous) > rtol * np.abs(previous)
+    return changed
+
+
+def attribute(spikes, batch_sizes, learning_rates, grad_norms=None, config=DetectorConfig()):
+    """Names the visible cause of each spike.
+
+    * `"short_batch"`: the step's batch is smaller than the usual one;
+      `"after_short_batch"`: one of the `lookback` steps before was
+      (momentum carries its inflated gradient forward);
+    * `"lr_change"`: the learning rate changed by more than `lr_rtol`
+      (relative) at the step or up to `lookback` steps before (a schedule's
+      step, a callback);
+    * `"grad_norm"`, for a spike no batch size or learning rate explains:
+      the gradient norm spiked (by `local_scores` on it) at the step or up to
+      `lookback` steps before;
+    * `"unknown"`: none of these (a bad sample, a data-order effect).
+
+    Returns a list of strings, `""` for steps that are not spikes.
+
+    >>> attribute([False, True], [16, 16], [0.1, 0.2])
+    ['', 'lr_change']
+    """
+    spikes = np.asarray(spikes, dtype=bool)
+    sizes = np.asarray(batch_sizes, dtype="float64")
+    with np.errstate(invalid="ignore"):
+        short = sizes < usual_batch_size(sizes)
+    lr_changed = _changed(learning_rates, config.lr_rtol)
+    grad_spiked = np.zeros(spikes.shape, dtype=bool)
+    if grad_norms is not None and np.any(np.isfinite(grad_norms)):
+        grad_spiked = local_scores(grad_norms, config).spikes
+    k = int(config.lookback)
+    causes = []
+    for t in np.arange(spikes.size):
+        if not spikes[t]:
+            causes.append("")
+            continue
+        recent = slice(max(0, t - k), t + 1)
+        found = []
+        if short[t]:
+            found.append("short_batch")
+        elif np.any(short[max(0, t - k) : t]):
+            found.append("after_short_batch")
+        if np.any(lr_changed[recent]):
+            found.append("lr_change")
+        if not found and np.any(grad_spiked[recent]):
+            found.append("grad_norm")
+        causes.append("+".join(found) or "unknown")
+    return causes
+
+
+def analyze(losses, batch_sizes, learning_rates, grad_norms=None, config=DetectorConfig()):
+    """Spikes of a run, their causes and the batch-size exponent.
+
+    `spikes = local_scores(...).spikes | exponent_spikes(...)`: a step is a
+    spike when it stands out locally, or when it is a short batch that the
+    run's significant batch-size exponent inflates (see the module
+    docstring). Returns a `SpikeReport`.
+    """
+    losses = np.asarray(losses, dtype="float64")
+    scores = local_scores(losses, config, batch_sizes)
+    exponent = batch_size_exponent(losses, batch_sizes, config)
+    spikes = scores.spikes | exponent_spikes(batch_sizes, exponent, config)
+    causes = attribute(spikes, batch_sizes, learning_rates, grad_norms, config)
+    return SpikeReport(scores, spikes, causes, exponent, usual_batch_size(batch_sizes))
