@@ -59,7 +59,7 @@ def train(initial, images, y_true, batch_size, steps=None, sample_weight=None):
     model = build_model()
     model.set_weights(initial)
     model.compile(
-        keras.optimizers.SGD(0.01, gradient_accumulation_steps=steps),
+        keras.optimizers.SGD(0.002, gradient_accumulation_steps=steps),
         SSDMultiboxLoss(NUM_CLASSES, mining="per_image", normalizer=GlobalCount()),
     )
     window = MICRO * STEPS  # warm-up on one whole window: traces the step
