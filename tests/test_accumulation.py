@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_batchfix import GlobalCount, compensate, window_weights
+from keras_batchfix import CenterLoss, GlobalCount, compensate, window_weights
 from tests.composition import (
     ANCHORS,
     FEATURES,
@@ -90,3 +90,45 @@ def test_window_weights_formula():
 def test_window_weights_rejects_straddling_windows():
     with pytest.raises(ValueError, match="multiple of steps=2"):
         window_weights(np.ones(5), batch_size=2, steps=2)
+
+
+def fit_center(batch_size, steps=None, exact=False):
+    """Dense -> CenterLoss -> Dense with cross-entropy; returns the weights."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(SAMPLES, 4)).astype("float32")
+    labels = rng.integers(0, 3, SAMPLES).astype("int32")
+    weights = window_weights(np.ones(SAMPLES), MICRO, STEPS)
+    images = keras.Input((4,))
+    label_input = keras.Input((), dtype="int32")
+    weight_input = keras.Input(())
+    embed, classify = keras.layers.Dense(2), keras.layers.Dense(3)
+    features = embed(images)
+    layer = CenterLoss(
+        3, alpha=0.5, loss_weight=0.5, accumulation_steps=steps if exact else None,
+        centers_initializer=keras.initializers.Constant(rng.normal(size=(3, 2))),
+    )
+    inputs = [features, label_input] + ([weight_input] if exact else [])
+    logits = classify(layer(inputs))
+    model = keras.Model([images, label_input, weight_input], logits)
+    for dense in (embed, classify):
+        dense.set_weights([rng.normal(scale=0.5, size=w.shape).astype("float32")
+                           for w in dense.get_weights()])
+    model.compile(keras.optimizers.SGD(0.1, gradient_accumulation_steps=steps),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit([x, labels, weights], labels, batch_size=batch_size, epochs=EPOCHS,
+              shuffle=False, verbose=0, sample_weight=weights if exact else None)
+    trained = model.trainable_weights + [layer.centers]
+    return [np.asarray(ops.convert_to_numpy(w)) for w in trained]
+
+
+def test_center_loss_accumulation_is_exact():
+    one_batch = fit_center(MICRO * STEPS)
+    naive = fit_center(MICRO, STEPS)
+    exact = fit_center(MICRO, STEPS, exact=True)
+    assert max_gap(naive, one_batch) > 1e-4
+    assert max_gap(exact, one_batch) < 1e-5
+
+
+def test_center_loss_rejects_accumulation_with_trainable_centers():
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        CenterLoss(3, accumulation_steps=2, centers_trainable=True)
