@@ -26,7 +26,8 @@ every backend, for every loss that multiplies its numerator by
 `sample_weight` and divides by a count that is the sum of per-sample counts
 (`SSDMultiboxLoss`, `compensate(..., count=...)` with `LocalCount` or, on one
 device, `GlobalCount`, Keras's `"sum_over_batch_size"` losses with counts of
-1 per sample).
+1 per sample). `CenterLoss` moves its centers itself: give it
+`accumulation_steps=k` and the weights as a third input.
 """
 
 import numpy as np
