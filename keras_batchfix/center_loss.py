@@ -124,6 +124,16 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         normalizer: how the batch size becomes the divisor of `L_C`;
             default `keras_batchfix.GlobalCount()` (the global batch).
             `LocalCount()` averages the replicas' means instead.
+        accumulation_steps: the optimizer's `gradient_accumulation_steps`
+            `k`, or None (default). Then the centers move once per window
+            of `k` training steps, by the rule above with the sums and
+            counts `n_j` of the whole window and the centers of its first
+            step, as for one batch of the window's concatenation. Call the
+            layer with `[features, labels, weights]`, `weights` from
+            `keras_batchfix.window_weights(ones, batch_size, k)`: they scale
+            each sample's term of `L_C` (not the center step) so that the
+            window's loss is its concatenation's. Not with
+            `centers_trainable=True`.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Example:
@@ -151,6 +161,7 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         feat_dim=None,
         centers_trainable=False,
         normalizer=None,
+        accumulation_steps=None,
         **kwargs,
     ):
         # No autocast: float labels must not become float16 under mixed
@@ -196,6 +207,21 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             normalizers.GlobalCount() if normalizer is None else normalizer
         )
         self.supports_masking = False
+        if accumulation_steps is not None and (
+            isinstance(accumulation_steps, bool)
+            or int(accumulation_steps) != accumulation_steps
+            or accumulation_steps < 2
+            or centers_trainable
+        ):
+            raise ValueError(
+                "Argument `accumulation_steps` must be None or an integer >= 2 "
+                "with centers_trainable=False; received "
+                f"accumulation_steps={accumulation_steps!r}, "
+                f"centers_trainable={centers_trainable!r}."
+            )
+        self.accumulation_steps = (
+            None if accumulation_steps is None else int(accumulation_steps)
+        )
         if keras.backend.backend() != "jax":
             self.value_tracker = keras.metrics.Mean(name=f"{self.name}_value")
         else:
@@ -236,6 +262,18 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             aggregation="only_first_replica",
             name="iterations",
         )
+        if self.accumulation_steps:
+            # sum_{i: y_i=j} (c_j - x_i) and n_j of the window's past steps.
+            self.window_sums = self.add_weight(
+                shape=(self.num_classes, self.feat_dim), initializer="zeros",
+                trainable=False, aggregation="only_first_replica",
+                name="window_sums",
+            )
+            self.window_counts = self.add_weight(
+                shape=(self.num_classes,), initializer="zeros",
+                trainable=False, aggregation="only_first_replica",
+                name="window_counts",
+            )
 
     def compute_output_shape(self, input_shape):
         return tuple(_features_shape(input_shape))
@@ -249,16 +287,24 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
     def call(self, inputs, training=None):
         if not isinstance(inputs, (list, tuple)):
             return inputs  # no labels: identity
-        if len(inputs) != 2:
+        wanted = 3 if self.accumulation_steps else 2
+        if len(inputs) != wanted:
             raise ValueError(
                 "`CenterLoss` expects `[features, labels]` (or features "
-                f"alone); received a sequence of {len(inputs)} tensors."
+                "alone), and `[features, labels, weights]` with "
+                f"accumulation_steps={self.accumulation_steps}; received a "
+                f"sequence of {len(inputs)} tensors."
             )
-        features_in, labels = inputs
+        features_in, labels = inputs[:2]
         features, labels, valid = self._prepare(features_in, labels)
+        weights = valid
+        if self.accumulation_steps:
+            weights = valid * ops.reshape(
+                ops.cast(inputs[2], valid.dtype), ops.shape(valid)
+            )
         centers = ops.convert_to_tensor(self.centers)
         gathered = ops.take(ops.stop_gradient(centers), labels, axis=0)
-        local_sum = _half_squared_distance_sum(features, gathered, valid)
+        local_sum = _half_squared_distance_sum(features, gathered, weights)
         local_batch = ops.cast(ops.shape(features)[0], features.dtype)
         # NaN for a batch with an invalid label (see the class docstring).
         invalid = ops.sum(1.0 - valid)
@@ -281,21 +327,10 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             sums = ops.segment_sum(differences, labels, self.num_classes)
             counts = ops.segment_sum(valid, labels, self.num_classes)
             sums, counts = replicas.global_sum([sums, counts])
-            delta = sums / ops.expand_dims(1.0 + counts, -1)
-            alpha = self._current_alpha()
-            if self.centers_trainable:
-                # Zero-valued term whose gradient w.r.t. the centers is
-                # alpha * delta, the same on every replica (delta is global):
-                # the replicas' mean of it.
-                step = ops.stop_gradient(alpha * delta)
-                surrogate = ops.sum(step * (centers - ops.stop_gradient(centers)))
-                losses.append(
-                    replicas.to_keras(
-                        surrogate, 1.0, False, route=replicas.ADD_LOSS
-                    )
-                )
+            if self.accumulation_steps:
+                self._accumulate_centers(centers, sums, counts)
             else:
-                self.centers.assign(ops.stop_gradient(centers) - alpha * delta)
+                self._step_centers(centers, sums, counts, losses)
             self.iterations.assign_add(
                 ops.ones((), dtype=self.iterations.dtype)
             )
@@ -306,6 +341,41 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
                 sample_weight=local_batch,
             )
         return features_in
+
+    def _step_centers(self, centers, sums, counts, losses):
+        """The center step of one batch (a surrogate loss term if trainable)."""
+        delta = sums / ops.expand_dims(1.0 + counts, -1)
+        alpha = self._current_alpha()
+        if self.centers_trainable:
+            # Zero-valued term whose gradient w.r.t. the centers is
+            # alpha * delta, the same on every replica (delta is global):
+            # the replicas' mean of it.
+            step = ops.stop_gradient(alpha * delta)
+            surrogate = ops.sum(step * (centers - ops.stop_gradient(centers)))
+            losses.append(
+                replicas.to_keras(surrogate, 1.0, False, route=replicas.ADD_LOSS)
+            )
+        else:
+            self.centers.assign(ops.stop_gradient(centers) - alpha * delta)
+
+    def _accumulate_centers(self, centers, sums, counts):
+        """Adds a step's sums to its window's; steps the centers at its end.
+
+            c_j <- c_j - alpha * S_j / (1 + N_j)    (last step of a window)
+
+        with `S_j`, `N_j` the window's sums and counts: the centers stay as
+        they were for the window's earlier steps.
+        """
+        sums = sums + ops.convert_to_tensor(self.window_sums)
+        counts = counts + ops.convert_to_tensor(self.window_counts)
+        end = ops.equal(
+            (ops.convert_to_tensor(self.iterations) + 1) % self.accumulation_steps, 0
+        )
+        delta = sums / ops.expand_dims(1.0 + counts, -1)
+        stepped = ops.stop_gradient(centers) - self._current_alpha() * delta
+        self.centers.assign(ops.where(end, stepped, ops.stop_gradient(centers)))
+        self.window_sums.assign(ops.where(end, ops.zeros_like(sums), sums))
+        self.window_counts.assign(ops.where(end, ops.zeros_like(counts), counts))
 
     def center_loss(self, features, labels):
         """Unweighted `L_C` of a batch for the current centers (a scalar).
@@ -326,7 +396,8 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
     def _current_alpha(self):
         schedule_type = keras.optimizers.schedules.LearningRateSchedule
         if isinstance(self.alpha, schedule_type):
-            return ops.cast(self.alpha(self.iterations), self.centers.dtype)
+            step = self.iterations // (self.accumulation_steps or 1)  # windows
+            return ops.cast(self.alpha(step), self.centers.dtype)
         return self.alpha
 
     def _prepare(self, features, labels):
@@ -408,6 +479,7 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             feat_dim=self.feat_dim,
             centers_trainable=self.centers_trainable,
             normalizer=keras.saving.serialize_keras_object(self.normalizer),
+            accumulation_steps=self.accumulation_steps,
         )
         return config
 

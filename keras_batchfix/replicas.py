@@ -178,3 +178,49 @@ def to_keras(numerator, divisor, divisor_is_global, route):
         factor = factor * mean_of_replicas()
     divisor = ops.cast(divisor, numerator.dtype)
     return numerator * ops.cast(factor, numerator.dtype) / divisor
+
+
+def average_gradients_over_processes(model):
+    """Makes Keras's torch `fit` average each gradient over the process group.
+
+    Keras 3's torch trainer has no DDP support: `fit` calls the Keras model
+    itself, so a `torch.nn.parallel.DistributedDataParallel` wrapper around
+    it would never run. This registers a hook on every trainable weight of
+    `model` that replaces the weight's gradient by its mean over the
+    `torch.distributed` process group, as DDP does:
+
+        grad <- (sum over processes p of grad_p) / world_size
+
+    so each process applies the same update and the weights stay equal
+    (`keras_factor` counts on this average). Call it once, after the model
+    is built and before `fit`; every process must train the same model on
+    its shard of each global batch.
+
+    Example:
+
+    ```python
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    model = build_model()
+    keras_batchfix.replicas.average_gradients_over_processes(model)
+    model.fit(x_shard, y_shard, batch_size=global_batch // 2, shuffle=False)
+    ```
+
+    Returns the hooks' handles (`handle.remove()` undoes one).
+    """
+    dist = _torch_process_group()
+    if dist is None:
+        raise ValueError(
+            "average_gradients_over_processes needs the torch backend and an "
+            "initialized `torch.distributed` process group; received backend "
+            f"{keras.backend.backend()!r} without one."
+        )
+    world_size = dist.get_world_size()
+
+    def average(gradient):
+        total = gradient.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total / world_size
+
+    return [
+        weight.value.register_hook(average) for weight in model.trainable_weights
+    ]

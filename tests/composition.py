@@ -16,7 +16,8 @@ JAX's `DataParallel` needs batches that split evenly: it trains every cell
 on `EVEN`-sized data (`even=True`).
 
 Used by tests/test_composition.py (one device and `MirroredStrategy`),
-tests/multi_worker.py (2 workers) and tests/jax_data_parallel.py.
+tests/multi_worker.py (2 workers), tests/jax_data_parallel.py, tests/torch_ddp.py
+(2 DDP processes) and tests/jax_multi_process.py (2 JAX processes).
 """
 
 import keras
