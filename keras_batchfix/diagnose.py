@@ -93,8 +93,9 @@ class Diagnosis:
     def spike_factor(self, batch_size, last_batch_size):
         """Loss of a short batch relative to a full one, from the exponent.
 
-        `(last_batch_size / batch_size) ** exponent`: 8.0 for the seed-000
-        bug with batches of 32 and a last batch of 4; 1.0 when invariant.
+        `(last_batch_size / batch_size) ** exponent`: 8.0 for a loss divided
+        by the batch size twice, with batches of 32 and a last batch of 4;
+        1.0 when invariant.
         """
         return (last_batch_size / batch_size) ** self.exponent
 

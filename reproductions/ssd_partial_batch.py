@@ -12,7 +12,7 @@ in seven runs that share the initial weights and the batch order:
   (c) fix    `keras_batchfix.SSDMultiboxLoss`
   (d) drop   the bug, with the short batch dropped (PyTorch's drop_last=True;
              the full batches are the same images as in the other runs)
-  (e) clip   the bug, with `global_clipnorm` (the seed's suggested mitigation),
+  (e) clip   the bug, with `global_clipnorm` (the report's suggested mitigation),
              set before training to the median gradient norm of the buggy loss
              over the first epoch's full batches at the initial weights
   (f) torch  the same model, loop and batches in PyTorch, with the loss of
