@@ -84,6 +84,20 @@ class CenterLoss(keras.layers.Layer):
     the features tensor that feeds the layer:
     `keras.Model(images, model.get_layer("embedding").output)`.
 
+    Scale-free option (`scale_free=True`): `L_C` scales with the squared
+    feature norm, so it can rise while the classes get tighter relative to
+    their size (seed 003's rise after the last LR decay is such a rise; see
+    docs/center_loss.md). With `scale_free=True` the loss and the center rule
+    use the L2-normalized features
+
+        x^_i = x_i / max(||x_i||, 1e-6),
+        L_C = 1/2 * sum_i ||x^_i - c_{y_i}||^2 / B,
+
+    so `L_C` is unchanged when the features are multiplied by any positive
+    factor (per sample, too), the centers live at the unit-sphere scale, and
+    the gradient goes through the normalization (NormFace-style). The layer
+    still returns the raw features.
+
     Mixed precision: the layer does not autocast its inputs; it computes in
     the centers' dtype (float32 under `mixed_float16`), so float labels stay
     exact, and returns the features unchanged.
@@ -93,7 +107,11 @@ class CenterLoss(keras.layers.Layer):
     torch backends the layer also tracks a `keras.metrics.Mean` named
     `"<layer name>_value"` (default `"center_loss_value"`): it is updated
     with the unweighted `L_C` of each batch in `fit` and `evaluate`, and
-    shows in the logs. On JAX, Keras's stateless `fit` drops metric updates
+    shows in the logs, and beside it a `keras.metrics.Mean` named
+    `"<layer name>_relative"`: the batch's `L_C / mean_i ||x_i||^2`
+    (features as the loss sees them: normalized ones with `scale_free=True`,
+    where it equals `L_C`), which falls when the clusters tighten relative to
+    the feature scale whatever the scale does. On JAX, Keras's stateless `fit` drops metric updates
     made inside a layer's `call`, so the metric is not created there; log
     the cross-entropy as a compiled metric instead and read
     `L_C = (loss - crossentropy) / loss_weight`.
@@ -121,6 +139,9 @@ class CenterLoss(keras.layers.Layer):
             `alpha * sum_{i: y_i = j}(c_j - x_i) / (1 + n_j)` (the seed's,
             times `alpha`, which acts as a learning-rate multiplier) and the
             layer applies no update of its own. Default False.
+        scale_free: compute `L_C` and the center rule on the L2-normalized
+            features `x_i / ||x_i||` (see above). Default False (the seed's
+            unnormalized loss).
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Example:
@@ -137,6 +158,10 @@ class CenterLoss(keras.layers.Layer):
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(True))
     model.fit([x, y], y, batch_size=64)
     ```
+
+    Scale-free: `keras_batchfix.CenterLoss(10, scale_free=True)` in place of
+    the layer above; `fit` then logs `center_loss_value` (on normalized
+    features) and `center_loss_relative`.
     """
 
     def __init__(
@@ -147,6 +172,7 @@ class CenterLoss(keras.layers.Layer):
         centers_initializer=None,
         feat_dim=None,
         centers_trainable=False,
+        scale_free=False,
         **kwargs,
     ):
         # No autocast: float labels must not become float16 under mixed
@@ -184,13 +210,18 @@ class CenterLoss(keras.layers.Layer):
         )
         self.feat_dim = None if feat_dim is None else int(feat_dim)
         self.centers_trainable = bool(centers_trainable)
+        self.scale_free = bool(scale_free)
         self.supports_masking = False
         # id(loss) -> thread that added it (tf.distribute); see _add_own_loss.
         self._loss_threads = {}
         if keras.backend.backend() != "jax":
             self.value_tracker = keras.metrics.Mean(name=f"{self.name}_value")
+            self.relative_tracker = keras.metrics.Mean(
+                name=f"{self.name}_relative"
+            )
         else:
             self.value_tracker = None
+            self.relative_tracker = None
 
     # ------------------------------------------------------------------ build
 
@@ -247,6 +278,7 @@ class CenterLoss(keras.layers.Layer):
             )
         features_in, labels = inputs
         features, labels, valid = self._prepare(features_in, labels)
+        features = self._loss_features(features)
         centers = ops.convert_to_tensor(self.centers)
         gathered = ops.take(ops.stop_gradient(centers), labels, axis=0)
         local_sum = _half_squared_distance_sum(features, gathered, valid)
@@ -293,7 +325,20 @@ class CenterLoss(keras.layers.Layer):
                 local_sum / ops.maximum(local_batch, 1.0),
                 sample_weight=local_batch,
             )
+        if self.relative_tracker is not None:
+            squares = ops.sum(valid * ops.sum(ops.square(features), axis=-1))
+            self.relative_tracker.update_state(
+                local_sum / ops.maximum(squares, 1e-12),
+                sample_weight=local_batch,
+            )
         return features_in
+
+    def _loss_features(self, features):
+        """The features the loss uses: `x / max(||x||, 1e-6)` if scale-free."""
+        if not self.scale_free:
+            return features
+        squares = ops.sum(ops.square(features), axis=-1, keepdims=True)
+        return features * ops.rsqrt(ops.maximum(squares, 1e-12))
 
     def _add_own_loss(self, losses):
         """`add_loss`, safe under `MirroredStrategy`'s replica threads.
@@ -332,6 +377,7 @@ class CenterLoss(keras.layers.Layer):
         if not self.built:
             self.build([tuple(features.shape), tuple(labels.shape)])
         features, labels, valid = self._prepare(features, labels)
+        features = self._loss_features(features)
         gathered = ops.take(ops.convert_to_tensor(self.centers), labels, axis=0)
         total = _half_squared_distance_sum(features, gathered, valid)
         batch = ops.cast(ops.shape(features)[0], features.dtype)
@@ -420,6 +466,7 @@ class CenterLoss(keras.layers.Layer):
             ),
             feat_dim=self.feat_dim,
             centers_trainable=self.centers_trainable,
+            scale_free=self.scale_free,
         )
         return config
 
