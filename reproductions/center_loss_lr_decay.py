@@ -125,7 +125,8 @@ def write_runs(path, runs):
 def _sort_key(key):
     fw, variant, noise, aug, width, seed = key
     order = T.VARIANTS.index(variant) if variant in T.VARIANTS else 99
-    return (fw, int(width), float(noise), int(aug), order, int(seed))
+    return (fw != "torch", int(width), float(noise), int(aug), order,
+            int(seed))
 
 
 def run_key(fw, variant, noise, aug, width, seed):
@@ -209,6 +210,8 @@ def plot_main(out, framework="torch", width=None, noise="0.2", aug="0"):
     if not chosen:
         return None
     panels = [
+        ("rel_d2", "train center loss / its value at the LR x0.1 decay\n"
+                   "(l2norm: center loss on unit features)"),
         ("train_center", "train center loss (running, as the seed logs)"),
         ("val_center", "validation center loss"),
         ("train_ce", "train cross-entropy (running, noisy labels)"),
@@ -222,13 +225,19 @@ def plot_main(out, framework="torch", width=None, noise="0.2", aug="0"):
               "prelu_last": "tab:purple", "alpha_sched": "tab:orange",
               "no_bn_wd": "tab:brown"}
     shown = [v for v in ("relu", "prelu") if v in chosen] or list(chosen)
-    fig, axes = plt.subplots(2, 4, figsize=(20, 9))
+    fig, axes = plt.subplots(3, 3, figsize=(17, 13))
     any_rows = next(iter(chosen.values()))[0][1]
     epochs = len(any_rows)
     d1, d2 = T.decay_epochs(epochs)
     for ax, (q, title) in zip(axes.flat, panels):
-        for v in shown:
-            curves = np.array([[r[q] for r in rows] for _, rows in chosen[v]])
+        for v in (shown + [x for x in ("l2norm",) if x in chosen]
+                  if q == "rel_d2" else shown):
+            if q == "rel_d2":
+                curves = np.array([[r["train_center"] / rows[d2 - 1][
+                    "train_center"] for r in rows] for _, rows in chosen[v]])
+            else:
+                curves = np.array([[r[q] for r in rows]
+                                   for _, rows in chosen[v]])
             ep = np.arange(1, curves.shape[1] + 1)
             for c in curves:
                 ax.plot(ep, c, color=colors.get(v, "k"), lw=0.7, alpha=0.35)
@@ -241,21 +250,26 @@ def plot_main(out, framework="torch", width=None, noise="0.2", aug="0"):
                     va="top", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
-        if q in ("train_center", "val_center", "tr_raw_sq", "tr_lag"):
+        if q in ("train_center", "val_center", "tr_raw_sq", "tr_lag",
+                 "tr_within"):
             ax.set_yscale("log")
             lo = min(np.nanmin([r[q] for _, rows in chosen[v]
                                 for r in rows[3:]]) for v in shown)
             hi = max(np.nanmax([r[q] for _, rows in chosen[v]
                                 for r in rows[3:]]) for v in shown)
             ax.set_ylim(lo / 1.2, hi * 1.2)  # the first epochs are far off
+        if q == "rel_d2":
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_ylim(0.7, 1.5)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=9)
     fig.suptitle(
         f"Center loss around LR decays, ReLU vs PReLU ({framework}; "
         f"animal-mnist, 2,400 train images, label noise {noise}, "
-        f"{'with' if aug == '1' else 'no'} augmentation; ResNet-18 layout, "
-        f"width {width} = {8 * int(width)}-d features; lambda 0.01, "
-        "alpha 0.5)", fontsize=12)
+        f"{'with' if aug == '1' else 'no'} augmentation;\nResNet-18 layout, "
+        f"width {width} = {8 * int(width)}-d features; SGD lr 0.05, x0.5 "
+        "after epoch 8, x0.1 after epoch 16; center loss lambda 0.01, "
+        "alpha 0.5; thin lines: single seeds)", fontsize=12)
     fig.tight_layout()
     path = os.path.join(out, "center_loss_lr_decay.png")
     fig.savefig(path, dpi=80)
@@ -298,7 +312,8 @@ def plot_mechanism(out, summary):
     ax.set_ylabel("value at the last epoch / value at the 2nd LR decay\n"
                   "(bar: mean over seeds; whiskers: min..max)")
     ax.set_title("What changes over the last phase (after LR x0.1): "
-                 "> 1 = rose, < 1 = fell")
+                 "> 1 = rose, < 1 = fell  (l2norm: center loss on unit "
+                 "features; its mean ||x||^2 is of the raw features)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
