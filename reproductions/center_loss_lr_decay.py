@@ -78,6 +78,7 @@ def ratios(values, epochs):
                     (the same statistic at an epoch without a decay, whose
                     window ends just before decay k)
         end3      = v[last epoch] / v[d2]   (change over the last phase)
+        step_k    = v[d_k + 1] / v[d_k]     (first epoch after decay k)
     """
     v = np.asarray(values, np.float64)
     d1, d2 = T.decay_epochs(epochs)
@@ -92,7 +93,8 @@ def ratios(values, epochs):
 
 def _ratios(v, d1, d2, h, peak):
     return {"decay1": peak(d1), "decay2": peak(d2), "control1": peak(d1 - h),
-            "control2": peak(d2 - h), "end3": float(v[-1] / v[d2 - 1])}
+            "control2": peak(d2 - h), "end3": float(v[-1] / v[d2 - 1]),
+            "step1": float(v[d1] / v[d1 - 1]), "step2": float(v[d2] / v[d2 - 1])}
 
 
 def is_rise(r):
@@ -147,7 +149,7 @@ def analyze(out, log=print):
                                 rise=int(is_rise(r))))
     with open(os.path.join(out, "ratios.csv"), "w", newline="") as fh:
         cols = list(KEY) + ["quantity", "decay1", "decay2", "control1",
-                            "control2", "end3", "rise"]
+                            "control2", "end3", "step1", "step2", "rise"]
         w = csv.DictWriter(fh, cols)
         w.writeheader()
         for r in per_run:
@@ -162,7 +164,8 @@ def analyze(out, log=print):
         s = dict(zip(KEY[:-1] + ("quantity",), g), n=len(rs),
                  rises=sum(r["rise"] for r in rs),
                  seeds=" ".join(r["seed"] for r in rs))
-        for stat in ("decay1", "decay2", "control1", "control2", "end3"):
+        for stat in ("decay1", "decay2", "control1", "control2", "end3",
+                     "step1", "step2"):
             x = np.array([r[stat] for r in rs])
             s[stat + "_mean"] = float(x.mean())
             s[stat + "_sd"] = float(x.std(ddof=1)) if len(x) > 1 else 0.0
