@@ -107,7 +107,8 @@ def test_centers_follow_class_means(quick_run):
     for key, rows in runs.items():
         assert rows[-1]["tr_lag"] < 0.5 * rows[-1]["tr_center"], key
         assert rows[-1]["tr_lag"] < 0.2 * rows[0]["tr_lag"] + 1e-3, key
-        assert rows[-1]["train_center"] < rows[0]["train_center"], key
+        if not np.isnan(rows[0]["train_center"]):  # no layer metric on JAX
+            assert rows[-1]["train_center"] < rows[0]["train_center"], key
     if not np.isnan(runs[("keras", "relu")][0]["train_relative"]):
         # the layer's `center_loss_relative` metric: running L / ||x||^2
         for r in runs[("keras", "relu")]:
