@@ -1,6 +1,7 @@
 """`CenterLoss`: center loss (Wen et al., ECCV 2016) as a Keras 3 layer.
 
-A faithful port of seed 003's PyTorch `CenterLoss` (after
+A port of the PyTorch `CenterLoss` of the report "Decaying learning rate
+spikes center loss" (after
 jxgu1016/MNIST_center_loss_pytorch): the loss is the batch mean of half the
 squared distance of each feature to its class center, its gradient reaches
 the features only, and the centers move by the paper's rule, not by the
@@ -14,8 +15,8 @@ from keras_batchfix import normalizers, replicas
 from keras_batchfix._keras_compat import ReplicaThreadLosses
 
 
-def _seed_initializer():
-    """Kaiming-normal as the seed: `kaiming_normal_(centers.t())`.
+def _report_initializer():
+    """Kaiming-normal as the report's code: `kaiming_normal_(centers.t())`.
 
     On the transposed `(feat_dim, num_classes)` tensor PyTorch's fan-in is
     `num_classes`, so the centers are N(0, 2 / num_classes), untruncated.
@@ -44,7 +45,7 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
 
         c_j <- c_j - alpha * sum_{i: y_i = j} (c_j - x_i) / (1 + n_j)
 
-    with `n_j` the number of samples of class `j` in the batch. As in the seed,
+    with `n_j` the number of samples of class `j` in the batch. As in the report's code,
     `loss_weight` does not scale the center step and the centers get no
     momentum, weight decay or learning-rate schedule from the model's
     optimizer. To make the step follow the model's schedule (as the original
@@ -83,6 +84,20 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
     the features tensor that feeds the layer:
     `keras.Model(images, model.get_layer("embedding").output)`.
 
+    Scale-free option (`scale_free=True`): `L_C` scales with the squared
+    feature norm, so it can rise while the classes get tighter relative to
+    their size (the rise after the last LR decay in "Decaying learning rate
+    spikes center loss" is such a rise; see docs/center_loss.md). With `scale_free=True` the loss and the center rule
+    use the L2-normalized features
+
+        x^_i = x_i / max(||x_i||, 1e-6),
+        L_C = 1/2 * sum_i ||x^_i - c_{y_i}||^2 / B,
+
+    so `L_C` is unchanged when the features are multiplied by any positive
+    factor (per sample, too), the centers live at the unit-sphere scale, and
+    the gradient goes through the normalization (NormFace-style). The layer
+    still returns the raw features.
+
     Mixed precision: the layer does not autocast its inputs; it computes in
     the centers' dtype (float32 under `mixed_float16`), so float labels stay
     exact, and returns the features unchanged.
@@ -92,7 +107,11 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
     torch backends the layer also tracks a `keras.metrics.Mean` named
     `"<layer name>_value"` (default `"center_loss_value"`): it is updated
     with the unweighted `L_C` of each batch in `fit` and `evaluate`, and
-    shows in the logs. On JAX, Keras's stateless `fit` drops metric updates
+    shows in the logs, and beside it a `keras.metrics.Mean` named
+    `"<layer name>_relative"`: the batch's `L_C / mean_i ||x_i||^2`
+    (features as the loss sees them: normalized ones with `scale_free=True`,
+    where it equals `L_C`), which falls when the clusters tighten relative to
+    the feature scale whatever the scale does. On JAX, Keras's stateless `fit` drops metric updates
     made inside a layer's `call`, so the metric is not created there; log
     the cross-entropy as a compiled metric instead and read
     `L_C = (loss - crossentropy) / loss_weight`.
@@ -111,14 +130,14 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         loss_weight: lambda, the weight of `L_C` in the model's loss.
             Default 0.01.
         centers_initializer: initializer of the `(num_classes, D)` centers;
-            default Kaiming-normal as the seed (untruncated normal with std
+            default Kaiming-normal as the report's code (untruncated normal with std
             `sqrt(2 / num_classes)`).
         feat_dim: optional feature dimension `D`; default: taken from the
             first input. A different input dimension raises `ValueError`.
         centers_trainable: opt in to training the centers with the model's
             optimizer (then they get its learning rate, schedule, momentum and
             weight decay). The optimizer receives the "gradient"
-            `alpha * sum_{i: y_i = j}(c_j - x_i) / (1 + n_j)` (the seed's,
+            `alpha * sum_{i: y_i = j}(c_j - x_i) / (1 + n_j)` (the report's,
             times `alpha`, which acts as a learning-rate multiplier) and the
             layer applies no update of its own. Default False.
         normalizer: how the batch size becomes the divisor of `L_C`;
@@ -134,6 +153,9 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             each sample's term of `L_C` (not the center step) so that the
             window's loss is its concatenation's. Not with
             `centers_trainable=True`.
+        scale_free: compute `L_C` and the center rule on the L2-normalized
+            features `x_i / ||x_i||` (see above). Default False (the report's
+            unnormalized loss).
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Example:
@@ -150,6 +172,10 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(True))
     model.fit([x, y], y, batch_size=64)
     ```
+
+    Scale-free: `keras_batchfix.CenterLoss(10, scale_free=True)` in place of
+    the layer above; `fit` then logs `center_loss_value` (on normalized
+    features) and `center_loss_relative`.
     """
 
     def __init__(
@@ -162,6 +188,7 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         centers_trainable=False,
         normalizer=None,
         accumulation_steps=None,
+        scale_free=False,
         **kwargs,
     ):
         # No autocast: float labels must not become float16 under mixed
@@ -199,13 +226,14 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         self.alpha = alpha
         self.loss_weight = float(loss_weight)
         self.centers_initializer = keras.initializers.get(
-            centers_initializer or _seed_initializer()
+            centers_initializer or _report_initializer()
         )
         self.feat_dim = None if feat_dim is None else int(feat_dim)
         self.centers_trainable = bool(centers_trainable)
         self.normalizer = normalizers.get(
             normalizers.GlobalCount() if normalizer is None else normalizer
         )
+        self.scale_free = bool(scale_free)
         self.supports_masking = False
         if accumulation_steps is not None and (
             isinstance(accumulation_steps, bool)
@@ -224,8 +252,12 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         )
         if keras.backend.backend() != "jax":
             self.value_tracker = keras.metrics.Mean(name=f"{self.name}_value")
+            self.relative_tracker = keras.metrics.Mean(
+                name=f"{self.name}_relative"
+            )
         else:
             self.value_tracker = None
+            self.relative_tracker = None
 
     # ------------------------------------------------------------------ build
 
@@ -302,6 +334,7 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             weights = valid * ops.reshape(
                 ops.cast(inputs[2], valid.dtype), ops.shape(valid)
             )
+        features = self._loss_features(features)
         centers = ops.convert_to_tensor(self.centers)
         gathered = ops.take(ops.stop_gradient(centers), labels, axis=0)
         local_sum = _half_squared_distance_sum(features, gathered, weights)
@@ -340,6 +373,12 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
                 local_sum / ops.maximum(local_batch, 1.0) + poison,
                 sample_weight=local_batch,
             )
+        if self.relative_tracker is not None:
+            squares = ops.sum(valid * ops.sum(ops.square(features), axis=-1))
+            self.relative_tracker.update_state(
+                local_sum / ops.maximum(squares, 1e-12),
+                sample_weight=local_batch,
+            )
         return features_in
 
     def _step_centers(self, centers, sums, counts, losses):
@@ -357,6 +396,13 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             )
         else:
             self.centers.assign(ops.stop_gradient(centers) - alpha * delta)
+
+    def _loss_features(self, features):
+        """The features the loss uses: `x / max(||x||, 1e-6)` if scale-free."""
+        if not self.scale_free:
+            return features
+        squares = ops.sum(ops.square(features), axis=-1, keepdims=True)
+        return features * ops.rsqrt(ops.maximum(squares, 1e-12))
 
     def _accumulate_centers(self, centers, sums, counts):
         """Adds a step's sums to its window's; steps the centers at its end.
@@ -388,6 +434,7 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         if _is_concrete(ops.convert_to_tensor(labels)):
             self._check_label_values(ops.convert_to_tensor(labels))
         features, labels, valid = self._prepare(features, labels)
+        features = self._loss_features(features)
         gathered = ops.take(ops.convert_to_tensor(self.centers), labels, axis=0)
         total = _half_squared_distance_sum(features, gathered, valid)
         batch = ops.cast(ops.shape(features)[0], features.dtype)
@@ -480,6 +527,7 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             centers_trainable=self.centers_trainable,
             normalizer=keras.saving.serialize_keras_object(self.normalizer),
             accumulation_steps=self.accumulation_steps,
+            scale_free=self.scale_free,
         )
         return config
 

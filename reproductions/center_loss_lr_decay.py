@@ -1,469 +1,437 @@
-"""Seed 003: does center loss peak at each learning-rate decay, and why?
+"""Seed 003 on real data: does the center loss rise after an LR decay, and why?
 
-A small ResNet (basic blocks with BatchNorm; ReLU or PReLU) on scikit-learn's
-bundled 8x8 digits (no download), the seed's recipe scaled down: SGD lr 0.05,
-momentum 0.9, weight decay 5e-4, LR x0.5 at 1/3 and x0.1 at 2/3 of the
-epochs, cross-entropy + 0.01 * center loss with alpha 0.5, 60/20/20
-train/validation/test split. The same experiment runs in PyTorch (the seed's
-CenterLoss semantics, keras_batchfix/references/torch_center_loss.py) and in Keras
-(keras_batchfix.CenterLoss), one candidate mechanism changed at a time:
+Data: the `animal-mnist` package (10,000 28x28 animal silhouettes, 10
+classes, MIT licence; `pip install animal-mnist --no-deps`), read from the
+installed package, padded to 32x32; 2,400 training images with 20% of their
+labels flipped to another class, 1,000 clean validation images.
+Model: an ImageNet-style ResNet-18 layout (two basic blocks per stage) at
+base width 32, i.e. 256-d features (ResNet-18 proper is width 64, 512-d:
+`--width 64`); ReLU or PReLU. Training as in the seed: SGD lr 0.05,
+momentum 0.9, weight decay 5e-4, batch 64, cross-entropy + 0.01 * center
+loss (alpha 0.5, the seed's PyTorch CenterLoss), 24 epochs with LR x0.5
+after epoch 8 and x0.1 after epoch 16, no augmentation.
 
-    relu          the seed's set-up (baseline)
-    prelu         PReLU instead of ReLU (the seed: "the problem goes away")
-    alpha_sched   the center step alpha follows the LR schedule
-    no_bn_wd      no weight decay on the BatchNorms that produce the features
-    l2norm        center loss on L2-normalized features
+Each run logs per epoch the running train center loss (what the seed
+plotted), the validation center loss, and, on 1,000 training images in eval
+mode with the epoch-end centers, the exact split of the center loss into
+within-class scatter W and the centers' lag G, the feature scale
+S = mean ||x||^2, L/S, the share of S in the common mean, and dead units.
+The analysis compares the rise after each decay with the same statistic at
+control epochs without a decay (see `ratios`).
 
-Per epoch it logs train and validation cross-entropy and center loss, mean
-feature norm, mean center norm, the distance of each class's mean feature to
-its center, center loss / mean squared feature norm, the fraction of dead
-feature units, and the peak ratio of the center loss at each decay.
+Usage (each call adds its runs to runs.csv in --out, replacing runs with the
+same framework/variant/noise/aug/width/seed, then re-analyzes all of them):
+    python reproductions/center_loss_lr_decay.py   # default: relu, prelu,
+        # l2norm x seeds 0,1,2, PyTorch, 1 thread: 9 runs, ~8 min
+    python reproductions/center_loss_lr_decay.py --quick --out /tmp/q  # < 60 s
+    python reproductions/center_loss_lr_decay.py --variants relu,prelu \\
+        --seeds 0,1,2,3,4
+    python reproductions/center_loss_lr_decay.py --variants relu,prelu \\
+        --noise 0,0.2 --aug 0,1 --seeds 0,1,2
+    python reproductions/center_loss_lr_decay.py --framework keras \\
+        --variants relu,prelu,l2norm
+    python reproductions/center_loss_lr_decay.py --full   # report scale, GPU
 
-Usage:
-    python reproductions/center_loss_lr_decay.py            # default, < 10 min
-    python reproductions/center_loss_lr_decay.py --quick    # smoke run, < 60 s
-    python reproductions/center_loss_lr_decay.py --backend torch --epochs 60 \\
-        --variants relu,prelu --out /tmp/cl
-
-Outputs in --out: center_loss_lr_decay.csv (one row per framework, variant,
-epoch), peaks.csv (center loss after / before each decay), and
-center_loss_lr_decay.png.
+Outputs in --out: runs.csv (one row per run and epoch), ratios.csv (per run),
+summary.csv (per set-up: mean, sd over seeds, rises k of n),
+center_loss_lr_decay.png and mechanism.png.
 """
 
 import argparse
 import csv
-import math
+import functools
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import _center_loss_torch as T  # noqa: E402
 
-from reproductions import _center_loss_torch as T  # noqa: E402
-
-DEFAULT_OUT = os.path.join(_HERE, "results", "center_loss_lr_decay")
-COLUMNS = [
-    "framework", "variant", "epoch", "lr", "alpha",
-    "train_ce", "train_center", "val_ce", "val_acc", "val_center",
-    "eval_train_center", "eval_train_feat_norm", "val_feat_norm",
-    "center_norm", "eval_train_mean_to_center", "val_mean_to_center",
-    "train_batch_mean_to_center", "train_rel_center",
-    "eval_train_rel_center", "val_rel_center",
-    "train_dead", "eval_train_dead", "val_dead",
-    "bn_gamma", "bn_beta", "fc_norm", "sec",
-]
-
-
-# ----------------------------------------------------------------------------
-# Keras side
-# ----------------------------------------------------------------------------
-def run_keras(variant="relu", epochs=30, lr=0.05, momentum=0.9,
-              weight_decay=5e-4, lamb=0.01, alpha=0.5, batch_size=32,
-              width=16, blocks=1, num_classes=8, seed=0, data=None,
-              log=print, shift=0, noise=0.0):
-    """The PyTorch experiment (`_center_loss_torch.run`) written in Keras.
-
-    Weight decay is an L2 penalty wd/2 * ||w||^2 on every weight (the
-    gradient wd * w then goes through momentum, as torch.optim.SGD's
-    `weight_decay`); BatchNorm momentum/epsilon and the conv/dense
-    initializers are PyTorch's.
-    """
-    import keras
-    from keras import layers
-
-    from keras_batchfix import CenterLoss
-
-    keras.utils.set_random_seed(seed)
-    if data is None:
-        data = T.load_digits_splits(num_classes, seed=0)
-    act = "prelu" if variant == "prelu" else "relu"
-    reg = keras.regularizers.L2(weight_decay / 2) if weight_decay else None
-    torch_init = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
-
-    def conv(filters, k, stride, x):
-        return layers.Conv2D(filters, k, stride, padding="same", use_bias=False,
-                             kernel_initializer=torch_init,
-                             kernel_regularizer=reg)(x)
-
-    def bn(x, decay=True, name=None):
-        r = reg if decay else None
-        return layers.BatchNormalization(momentum=0.9, epsilon=1e-5,
-                                         gamma_regularizer=r,
-                                         beta_regularizer=r, name=name)(x)
-
-    def activation(x):
-        if act == "prelu":  # torch.nn.PReLU(): one slope per layer, 0.25
-            return layers.PReLU(keras.initializers.Constant(0.25),
-                                alpha_regularizer=reg,
-                                shared_axes=[1, 2, 3])(x)
-        return layers.ReLU()(x)
-
-    images = keras.Input((8, 8, 1), name="images")
-    labels = keras.Input((), dtype="int32", name="labels")
-    x = activation(bn(conv(width, 3, 1, images)))
-    cin = width
-    n_blocks = 3 * blocks
-    b = 0
-    for i, cout in enumerate((width, 2 * width, 4 * width)):
-        for j in range(blocks):
-            b += 1
-            last = b == n_blocks
-            decay = not (last and variant == "no_bn_wd")
-            stride = 2 if (i > 0 and j == 0) else 1
-            out = activation(bn(conv(cout, 3, stride, x)))
-            out = bn(conv(cout, 3, 1, out), decay,
-                     "feature_bn" if last else None)
-            sc = x
-            if stride != 1 or cin != cout:
-                sc = bn(conv(cout, 1, stride, x), decay)
-            x = activation(layers.Add()([out, sc]))
-            cin = cout
-    feat = layers.GlobalAveragePooling2D(name="features")(x)
-    cfeat = layers.UnitNormalization()(feat) if variant == "l2norm" else feat
-
-    steps = math.ceil(len(data["train"][1]) / batch_size)
-    d1, d2 = T.decay_epochs(epochs)
-    # PiecewiseConstantDecay uses values[k] while step <= boundaries[k]: the
-    # first step of epoch d (0-based) is iteration d * steps.
-    bounds = [d1 * steps - 1, d2 * steps - 1]
-    lr_sched = keras.optimizers.schedules.PiecewiseConstantDecay(
-        bounds, [lr, lr * 0.5, lr * 0.1])
-    if variant == "alpha_sched":
-        center_alpha = keras.optimizers.schedules.PiecewiseConstantDecay(
-            bounds, [alpha, alpha * 0.5, alpha * 0.1])
-    else:
-        center_alpha = alpha
-    center = CenterLoss(num_classes, alpha=center_alpha, loss_weight=lamb,
-                        name="center_loss")
-    out = center([cfeat, labels])
-    if variant == "l2norm":
-        # the classifier sees the raw features; keep the layer in the graph
-        fc_in = layers.Lambda(lambda t: t[0] + 0.0 * t[1][:, :1])([feat, out])
-    else:
-        fc_in = out
-    logits = layers.Dense(num_classes, kernel_initializer=torch_init,
-                          bias_initializer=torch_init, kernel_regularizer=reg,
-                          bias_regularizer=reg, name="fc")(fc_in)
-    model = keras.Model([images, labels], logits)
-    model.compile(
-        optimizer=keras.optimizers.SGD(lr_sched, momentum=momentum),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalCrossentropy(
-            from_logits=True, name="ce")],
-        jit_compile=False,  # XLA compilation costs more than it saves here
-    )
-    feat_model = keras.Model(images, [feat, cfeat])
-    fc_layer = model.get_layer("fc")
-    feat_bn = model.get_layer("feature_bn")
-
-    xtr, ytr = data["train"]
-    xva, yva = data["val"]
-    xtr = np.transpose(xtr, (0, 2, 3, 1))  # NCHW -> NHWC
-    xva = np.transpose(xva, (0, 2, 3, 1))
-    rng = np.random.RandomState(seed)
-    rows = []
-    for epoch in range(epochs):
-        t0 = time.time()
-        f = T.lr_factor(epoch, epochs)
-        x_ep = _augment_np(xtr, shift, noise, rng)
-        hist = model.fit([x_ep, ytr], ytr, batch_size=batch_size, epochs=1,
-                         shuffle=True, verbose=0)
-        row = {"epoch": epoch + 1, "lr": lr * f,
-               "alpha": alpha * (f if variant == "alpha_sched" else 1.0),
-               "train_ce": hist.history["ce"][-1],
-               "train_center": hist.history["center_loss_value"][-1]}
-        cen = keras.ops.convert_to_numpy(center.centers)
-        for split, xs, ys in (("eval_train_", xtr, ytr), ("val_", xva, yva)):
-            fs, cfs = (keras.ops.convert_to_numpy(t)
-                       for t in feat_model(xs, training=False))
-            row.update(T.diagnostics(cfs, ys, cen, num_classes, split))
-            row[split + "dead"] = float((np.abs(fs).max(0) == 0).mean())
-        lva = keras.ops.convert_to_numpy(model([xva, yva], training=False))
-        lva = lva - lva.max(1, keepdims=True)
-        logp = lva - np.log(np.exp(lva).sum(1, keepdims=True))
-        row["val_ce"] = float(-logp[np.arange(len(yva)), yva].mean())
-        row["val_acc"] = float((lva.argmax(1) == yva).mean())
-        row["center_norm"] = float(np.linalg.norm(cen, axis=1).mean())
-        gamma = keras.ops.convert_to_numpy(feat_bn.gamma)
-        row["bn_gamma"] = float(np.abs(gamma).mean())
-        row["bn_beta"] = float(keras.ops.convert_to_numpy(feat_bn.beta).mean())
-        row["fc_norm"] = float(np.linalg.norm(
-            keras.ops.convert_to_numpy(fc_layer.kernel)))
-        row["sec"] = time.time() - t0
-        rows.append(row)
-        log(T.format_row("keras", variant, epochs, row))
-    return rows
-
-
-def _augment_np(x, shift, noise, rng):
-    if shift:
-        b = len(x)
-        xp = np.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
-        dx = rng.randint(0, 2 * shift + 1, b)
-        dy = rng.randint(0, 2 * shift + 1, b)
-        x = np.stack([xp[i, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8]
-                      for i in range(b)])
-    if noise:
-        x = x + noise * rng.standard_normal(x.shape).astype(x.dtype)
-    return x.astype(np.float32)
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = os.path.join(HERE, "results", "center_loss_lr_decay")
+KEY = ("framework", "variant", "noise", "aug", "width", "seed")
+EPOCH_COLUMNS = [
+    "epoch", "lr", "alpha", "train_ce", "train_center", "train_sq",
+    "val_ce", "val_acc", "val_center", "tr_acc", "tr_center", "tr_within",
+    "tr_lag", "tr_sq", "tr_raw_sq", "tr_rel", "tr_within_rel", "tr_mean_sq",
+    "tr_feat_norm", "tr_dead", "val_within", "val_lag", "val_raw_sq",
+    "val_rel", "center_norm", "train_relative", "sec"]
+RATIO_KEYS = ("train_center", "val_center", "tr_center", "tr_within",
+              "tr_lag", "tr_raw_sq", "tr_rel", "tr_within_rel", "tr_mean_sq",
+              "tr_dead", "train_ce")
+RISE = 1.10  # a "rise": peak after the 2nd decay >= +10% and above controls
 
 
 # ----------------------------------------------------------------------------
 # analysis
 # ----------------------------------------------------------------------------
-def peak_ratios(rows, epochs, key="train_center", before=3, after=2):
-    """For each decay: mean of `key` over the `after` epochs from the decay
-    on, divided by its mean over the `before` epochs just before it.
+def ratios(values, epochs):
+    """After/at ratios of a per-epoch series (index 0 = epoch 1).
 
-    A peak at the decay shows as a ratio > 1 (the seed's curves);
-    a loss that keeps decreasing gives a ratio < 1.
+    With the decays after epochs d1, d2 (1/3, 2/3 of the run), phase length
+    P = d1 and window h = P // 2:
+
+        decay_k   = max(v[d_k + 1 .. d_k + h]) / v[d_k]   (peak after decay k)
+        control_k = max(v[c_k + 1 .. c_k + h]) / v[c_k],  c_k = d_k - h
+                    (the same statistic at an epoch without a decay, whose
+                    window ends just before decay k)
+        end3      = v[last epoch] / v[d2]   (change over the last phase)
+        step_k    = v[d_k + 1] / v[d_k]     (first epoch after decay k)
     """
-    out = []
-    for d in T.decay_epochs(epochs):  # d = number of epochs before the decay
-        b = [r[key] for r in rows[max(0, d - before):d]]
-        a = [r[key] for r in rows[d:d + after]]
-        out.append(float(np.mean(a) / np.mean(b)) if a and b else float("nan"))
-    return out
+    v = np.asarray(values, np.float64)
+    d1, d2 = T.decay_epochs(epochs)
+    h = max(1, d1 // 2)
+
+    def peak(at):
+        return float(v[at:at + h].max() / v[at - 1])
+
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 for dead
+        return _ratios(v, d1, d2, h, peak)
 
 
-PEAK_KEYS = ("train_center", "val_center", "eval_train_feat_norm",
-             "eval_train_rel_center", "eval_train_mean_to_center", "train_ce")
+def _ratios(v, d1, d2, h, peak):
+    return {"decay1": peak(d1), "decay2": peak(d2), "control1": peak(d1 - h),
+            "control2": peak(d2 - h), "end3": float(v[-1] / v[d2 - 1]),
+            "step1": float(v[d1] / v[d1 - 1]), "step2": float(v[d2] / v[d2 - 1])}
 
 
-def plot(all_rows, epochs, path):
+def is_rise(r):
+    return r["decay2"] >= RISE and r["decay2"] > max(r["control1"],
+                                                     r["control2"])
+
+
+def read_runs(path):
+    if not os.path.exists(path):
+        return {}
+    runs = {}
+    with open(path) as fh:
+        for row in csv.DictReader(fh):
+            key = tuple(row[k] for k in KEY)
+            runs.setdefault(key, []).append(
+                {k: float(x) for k, x in row.items() if k not in KEY})
+    return runs
+
+
+def write_runs(path, runs):
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(list(KEY) + EPOCH_COLUMNS)
+        for key in sorted(runs, key=_sort_key):
+            for r in runs[key]:
+                w.writerow(list(key) + [f"{r.get(c, float('nan')):.6g}"
+                                        for c in EPOCH_COLUMNS])
+
+
+def _sort_key(key):
+    fw, variant, noise, aug, width, seed = key
+    order = T.VARIANTS.index(variant) if variant in T.VARIANTS else 99
+    return (fw != "torch", int(width), float(noise), int(aug), order,
+            int(seed))
+
+
+def run_key(fw, variant, noise, aug, width, seed):
+    return (fw, variant, f"{float(noise):g}", str(int(aug)), str(int(width)),
+            str(int(seed)))
+
+
+def analyze(out, log=print):
+    """ratios.csv and summary.csv from runs.csv; returns the summary rows."""
+    runs = read_runs(os.path.join(out, "runs.csv"))
+    per_run = []
+    for key in sorted(runs, key=_sort_key):
+        rows = runs[key]
+        epochs = len(rows)
+        for q in RATIO_KEYS:
+            r = ratios([row[q] for row in rows], epochs)
+            per_run.append(dict(zip(KEY, key), quantity=q, **r,
+                                rise=int(is_rise(r))))
+    with open(os.path.join(out, "ratios.csv"), "w", newline="") as fh:
+        cols = list(KEY) + ["quantity", "decay1", "decay2", "control1",
+                            "control2", "end3", "step1", "step2", "rise"]
+        w = csv.DictWriter(fh, cols)
+        w.writeheader()
+        for r in per_run:
+            w.writerow({k: (f"{x:.4f}" if isinstance(x, float) else x)
+                        for k, x in r.items()})
+    groups = {}
+    for r in per_run:
+        groups.setdefault(tuple(r[k] for k in KEY[:-1]) + (r["quantity"],),
+                          []).append(r)
+    summary = []
+    for g, rs in groups.items():
+        s = dict(zip(KEY[:-1] + ("quantity",), g), n=len(rs),
+                 rises=sum(r["rise"] for r in rs),
+                 seeds=" ".join(r["seed"] for r in rs))
+        for stat in ("decay1", "decay2", "control1", "control2", "end3",
+                     "step1", "step2"):
+            x = np.array([r[stat] for r in rs])
+            s[stat + "_mean"] = float(x.mean())
+            s[stat + "_sd"] = float(x.std(ddof=1)) if len(x) > 1 else 0.0
+            s[stat + "_min"], s[stat + "_max"] = float(x.min()), float(x.max())
+        summary.append(s)
+    with open(os.path.join(out, "summary.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(summary[0]))
+        w.writeheader()
+        for s in summary:
+            w.writerow({k: (f"{x:.4f}" if isinstance(x, float) else x)
+                        for k, x in s.items()})
+    log("\nrunning train center loss, ratios (mean +- sd over seeds); "
+        f"rise = peak after decay 2 >= {RISE:.2f} and above both controls")
+    log(f"{'framework variant noise aug width':38s} n  rises  decay1       "
+        "decay2       control1     control2     end3")
+    for s in summary:
+        if s["quantity"] != "train_center":
+            continue
+        name = (f"{s['framework']} {s['variant']} {s['noise']} {s['aug']} "
+                f"{s['width']}")
+        log(f"{name:38s} {s['n']}  {s['rises']}/{s['n']}   " + "  ".join(
+            f"{s[k + '_mean']:.3f}+-{s[k + '_sd']:.3f}"
+            for k in ("decay1", "decay2", "control1", "control2", "end3")))
+    return summary
+
+
+# ----------------------------------------------------------------------------
+# figures
+# ----------------------------------------------------------------------------
+def plot_main(out, framework="torch", width=None, noise="0.2", aug="0"):
+    """relu vs prelu (and l2norm) at one set-up: every seed thin, mean thick."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = read_runs(os.path.join(out, "runs.csv"))
+    if width is None:
+        widths = sorted({k[4] for k in runs if k[0] == framework}, key=int)
+        width = widths[0] if widths else "32"
+    chosen = {}
+    for k, rows in runs.items():
+        if k[0] == framework and k[2] == noise and k[3] == aug \
+                and k[4] == width:
+            chosen.setdefault(k[1], []).append((k[5], rows))
+    if not chosen:
+        return None
     panels = [
-        ("train_center", "train center loss (running, train mode)", True),
-        ("val_center", "validation center loss", True),
-        ("train_ce", "train cross-entropy (running)", True),
-        ("eval_train_feat_norm", "mean feature norm ||x|| (train set)", False),
-        ("eval_train_rel_center", "center loss / mean ||x||^2 (train set)",
-         True),
-        ("eval_train_mean_to_center",
-         "mean ||class mean - center|| (train set)", True),
-        ("center_norm", "mean center norm ||c||", False),
-        ("eval_train_dead", "dead feature units (fraction)", False),
+        ("rel_d2", "train center loss / its value at the LR x0.1 decay\n"
+                   "(l2norm: center loss on unit features)"),
+        ("train_center", "train center loss (running, as the seed logs)"),
+        ("val_center", "validation center loss"),
+        ("train_ce", "train cross-entropy (running, noisy labels)"),
+        ("tr_raw_sq", "feature scale  mean ||x||^2  (train)"),
+        ("tr_rel", "center loss / mean ||x||^2  (train)"),
+        ("tr_within", "within-class scatter W  (train)"),
+        ("tr_lag", "centers' lag G = 1/2 sum p_j ||m_j - c_j||^2"),
+        ("tr_mean_sq", "share of ||x||^2 in the common mean"),
     ]
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
-    styles = {"torch": "-", "keras": "--"}
-    colors = {v: c for v, c in zip(T.VARIANTS, plt.cm.tab10.colors)}
-    for ax, (key, title, logy) in zip(axes.flat, panels):
-        for (fw, variant), rows in all_rows.items():
-            ep = [r["epoch"] for r in rows]
-            ax.plot(ep, [r[key] for r in rows], styles.get(fw, "-"),
-                    color=colors.get(variant), lw=1.4,
-                    label=f"{fw} {variant}")
-        for d in T.decay_epochs(epochs):
-            ax.axvline(d + 0.5, color="k", ls=":", lw=1)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch (dotted: LR decay x0.5, x0.1)")
-        if logy:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=7, ncol=2)
-    fig.suptitle("Seed 003 reproduction: center loss around LR decays "
-                 "(digits 8x8, small ResNet; solid = PyTorch, dashed = Keras)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------
-# search for a setting that reproduces the peak (PyTorch only)
-# ----------------------------------------------------------------------------
-SEARCH_SETTINGS = [
-    # (name, overrides of the default recipe, seeds)
-    ("base", {}, (0, 1, 2)),
-    ("feat512_w128", {"width": 128}, (0,)),
-    ("2blocks_feat128", {"blocks": 2, "width": 32}, (0,)),
-    ("epochs60", {"epochs": 60}, (0,)),
-    ("classes10", {"num_classes": 10}, (0,)),
-    ("batch8", {"batch_size": 8}, (0,)),
-    ("wd5e-3", {"weight_decay": 5e-3}, (0,)),
-    ("orthogonal_init", {"init": "orthogonal"}, (0,)),
-    ("hard_aug", {"shift": 2, "noise": 1.0}, (0, 1)),
-    ("hard_aug_batch8", {"shift": 2, "noise": 1.0, "batch_size": 8}, (0,)),
-    # near the BatchNorm + weight-decay equilibrium of the weight norms
-    # (lr * wd / (1 - momentum) * steps ~ 5 by the first decay, like a long run)
-    ("wd5e-3_batch8_epochs60",
-     {"weight_decay": 5e-3, "batch_size": 8, "epochs": 60}, (0,)),
-]
-SEARCH_KEYS = ("train_center", "val_center", "eval_train_feat_norm",
-               "eval_train_rel_center", "train_ce")
-
-
-def placebo_epochs(epochs):
-    """Epochs half-way between the decays (and the ends): no decay there."""
+    colors = {"relu": "tab:red", "prelu": "tab:blue", "l2norm": "tab:green",
+              "prelu_last": "tab:purple", "alpha_sched": "tab:orange",
+              "no_bn_wd": "tab:brown"}
+    shown = [v for v in ("relu", "prelu") if v in chosen] or list(chosen)
+    fig, axes = plt.subplots(3, 3, figsize=(17, 13))
+    any_rows = next(iter(chosen.values()))[0][1]
+    epochs = len(any_rows)
     d1, d2 = T.decay_epochs(epochs)
-    return [d1 // 2, (d1 + d2) // 2, (d2 + epochs) // 2]
-
-
-def search(out, variants=("relu", "prelu"), settings=None, log=print):
-    """Peak ratios at the decays vs. at placebo epochs, per setting/seed."""
-    path = os.path.join(out, "search.csv")
-    header = ["setting", "variant", "seed", "quantity", "decay1", "decay2",
-              "placebo1", "placebo2", "placebo3", "final_val_acc"]
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        for name, over, seeds in settings or SEARCH_SETTINGS:
-            for v in variants:
-                for seed in seeds:
-                    cfg = dict(epochs=30, seed=seed, variant=v)
-                    cfg.update(over)
-                    t0 = time.time()
-                    num_classes = cfg.get("num_classes", 8)
-                    rows = T.run(log=lambda s: None,
-                                 data=T.load_digits_splits(num_classes), **cfg)
-                    ep = cfg["epochs"]
-                    for key in SEARCH_KEYS:
-                        dec = peak_ratios(rows, ep, key)
-                        pla = [_ratio_at(rows, e, key)
-                               for e in placebo_epochs(ep)]
-                        w.writerow([name, v, seed, key]
-                                   + [f"{x:.4f}" for x in dec + pla]
-                                   + [f"{rows[-1]['val_acc']:.4f}"])
-                    fh.flush()
-                    r = peak_ratios(rows, ep, "train_center")
-                    rv = peak_ratios(rows, ep, "val_center")
-                    log(f"[search] {name:16s} {v:6s} seed {seed}: center "
-                        f"after/before decay: train {r[0]:.3f} {r[1]:.3f}, "
-                        f"val {rv[0]:.3f} {rv[1]:.3f} "
-                        f"({time.time() - t0:.0f} s)")
+    for ax, (q, title) in zip(axes.flat, panels):
+        for v in (shown + [x for x in ("l2norm",) if x in chosen]
+                  if q == "rel_d2" else shown):
+            if q == "rel_d2":
+                curves = np.array([[r["train_center"] / rows[d2 - 1][
+                    "train_center"] for r in rows] for _, rows in chosen[v]])
+            else:
+                curves = np.array([[r[q] for r in rows]
+                                   for _, rows in chosen[v]])
+            ep = np.arange(1, curves.shape[1] + 1)
+            for c in curves:
+                ax.plot(ep, c, color=colors.get(v, "k"), lw=0.7, alpha=0.35)
+            ax.plot(ep, curves.mean(0), color=colors.get(v, "k"), lw=2.2,
+                    label=f"{v.upper() if v != 'l2norm' else v} "
+                          f"(mean of {len(curves)} seeds)")
+        for d, txt in ((d1, "LR x0.5"), (d2, "LR x0.1")):
+            ax.axvline(d + 0.5, color="k", ls=":", lw=1)
+            ax.text(d + 0.7, 0.97, txt, transform=ax.get_xaxis_transform(),
+                    va="top", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        if q in ("train_center", "val_center", "tr_raw_sq", "tr_lag",
+                 "tr_within"):
+            ax.set_yscale("log")
+            lo = min(np.nanmin([r[q] for _, rows in chosen[v]
+                                for r in rows[3:]]) for v in shown)
+            hi = max(np.nanmax([r[q] for _, rows in chosen[v]
+                                for r in rows[3:]]) for v in shown)
+            ax.set_ylim(lo / 1.2, hi * 1.2)  # the first epochs are far off
+        if q == "rel_d2":
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_ylim(0.7, 1.5)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=9)
+    fig.suptitle(
+        f"Center loss around LR decays, ReLU vs PReLU ({framework}; "
+        f"animal-mnist, 2,400 train images, label noise {noise}, "
+        f"{'with' if aug == '1' else 'no'} augmentation;\nResNet-18 layout, "
+        f"width {width} = {8 * int(width)}-d features; SGD lr 0.05, x0.5 "
+        "after epoch 8, x0.1 after epoch 16; center loss lambda 0.01, "
+        "alpha 0.5; thin lines: single seeds)", fontsize=12)
+    fig.tight_layout()
+    path = os.path.join(out, "center_loss_lr_decay.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
     return path
 
 
-def _ratio_at(rows, d, key, before=3, after=2):
-    b = [r[key] for r in rows[max(0, d - before):d]]
-    a = [r[key] for r in rows[d:d + after]]
-    return float(np.mean(a) / np.mean(b))
+def plot_mechanism(out, summary):
+    """End-of-last-phase ratios per set-up: center loss, scale, L/S."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {}
+    for s in summary:
+        name = (f"{s['framework']} {s['variant']}\nnoise {s['noise']}"
+                f"{' aug' if s['aug'] == '1' else ''} w{s['width']}")
+        by.setdefault(name, {})[s["quantity"]] = s
+    names = list(by)
+    if not names:
+        return None
+    quantities = [("train_center", "center loss (running)"),
+                  ("tr_raw_sq", "mean ||x||^2"),
+                  ("tr_within", "within-class scatter W"),
+                  ("tr_rel", "center loss / ||x||^2")]
+    fig, ax = plt.subplots(figsize=(max(10, 1.3 * len(names)), 6))
+    width = 0.8 / len(quantities)
+    for i, (q, label) in enumerate(quantities):
+        m = [by[n][q]["end3_mean"] if q in by[n] else np.nan for n in names]
+        lo = [by[n][q]["end3_mean"] - by[n][q]["end3_min"] if q in by[n]
+              else 0 for n in names]
+        hi = [by[n][q]["end3_max"] - by[n][q]["end3_mean"] if q in by[n]
+              else 0 for n in names]
+        ax.bar(np.arange(len(names)) + (i - 1.5) * width, m, width,
+               yerr=[lo, hi], capsize=2, label=label)
+    ax.axhline(1.0, color="k", lw=1)
+    ax.set_xticks(np.arange(len(names)))
+    ax.set_xticklabels([f"{n}\n(n={by[n]['train_center']['n']})"
+                        for n in names], fontsize=8)
+    ax.set_ylabel("value at the last epoch / value at the 2nd LR decay\n"
+                  "(bar: mean over seeds; whiskers: min..max)")
+    ax.set_title("What changes over the last phase (after LR x0.1): "
+                 "> 1 = rose, < 1 = fell  (l2norm: center loss on unit "
+                 "features; its mean ||x||^2 is of the raw features)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(out, "mechanism.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------
+def _floats(s):
+    return [float(x) for x in str(s).split(",") if x != ""]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backend", default="both",
+    p.add_argument("--framework", default="torch",
                    choices=["torch", "keras", "both"],
-                   help="framework: PyTorch (seed semantics), Keras "
-                        "(keras_batchfix.CenterLoss on KERAS_BACKEND), or both")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--variants", default=",".join(T.VARIANTS))
+                   help="PyTorch with the seed's CenterLoss, Keras "
+                        "(keras_batchfix.CenterLoss on KERAS_BACKEND), or "
+                        "both (--quick: both)")
+    p.add_argument("--variants", default="relu,prelu,l2norm",
+                   help=f"comma list from {T.VARIANTS}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--noise", default="0.2", help="label-noise list")
+    p.add_argument("--aug", default="0", help="augmentation list: 0,1")
+    p.add_argument("--epochs", type=int, default=24)
+    p.add_argument("--width", type=int, default=32,
+                   help="ResNet base width; features 8 * width")
+    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--n-train", type=int, default=2400)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch/TF threads (1: the committed numbers exactly)")
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--quick", action="store_true",
-                   help="6 epochs, variants relu,prelu, both frameworks")
-    p.add_argument("--width", type=int, default=16,
-                   help="ResNet base width; feature dim = 4 * width")
-    p.add_argument("--blocks", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--lamb", type=float, default=0.01)
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--num-classes", type=int, default=8)
-    p.add_argument("--shift", type=int, default=0,
-                   help="augmentation: random shift up to this many pixels")
-    p.add_argument("--noise", type=float, default=0.0,
-                   help="augmentation: Gaussian pixel noise (standardized)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--search", action="store_true",
-                   help="PyTorch only: peak ratios at the decays vs. placebo "
-                        "epochs over SEARCH_SETTINGS x relu/prelu x seeds "
-                        "(writes search.csv; about 15-25 min on 2 cores)")
+                   help="smoke run for the tests: width 8, 1 block per stage, "
+                        "600 images, 6 epochs, relu, prelu, l2norm, PyTorch "
+                        "and Keras (< 60 s)")
+    p.add_argument("--full", action="store_true",
+                   help="the report's scale: ResNet-18 (width 64, 512-d), "
+                        "60 epochs, all 9,000 training images; on a GPU")
+    p.add_argument("--analyze-only", action="store_true")
     args = p.parse_args(argv)
-    if args.search:
-        import torch
-        torch.set_num_threads(args.threads)
-        os.makedirs(args.out, exist_ok=True)
-        path = search(args.out, log=lambda s: print(s, flush=True))
-        print(f"wrote {path}")
-        return None
     if args.quick:
-        args.epochs = min(args.epochs, 6)
-        if args.variants == ",".join(T.VARIANTS):
-            args.variants = "relu,prelu"
+        args.width, args.blocks, args.n_train, args.epochs = 8, 1, 600, 6
+        if args.variants == p.get_default("variants"):
+            args.variants = "relu,prelu,l2norm"
+        if args.framework == p.get_default("framework"):
+            args.framework = "both"
+        if args.seeds == p.get_default("seeds"):
+            args.seeds = "0"
+    if args.full:
+        args.width, args.epochs, args.n_train = 64, 60, 9000
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in T.VARIANTS:
             p.error(f"unknown variant {v!r}; choose from {T.VARIANTS}")
-    frameworks = ["torch", "keras"] if args.backend == "both" else [args.backend]
-
-    import torch
-    torch.set_num_threads(args.threads)
-    if "keras" in frameworks:
-        import keras
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-            try:
-                tf.config.threading.set_intra_op_parallelism_threads(
-                    args.threads)
-                tf.config.threading.set_inter_op_parallelism_threads(
-                    args.threads)
-            except RuntimeError:
-                pass
-
     os.makedirs(args.out, exist_ok=True)
-    data = T.load_digits_splits(args.num_classes, seed=0)
-    cfg = dict(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-               lamb=args.lamb, alpha=args.alpha, batch_size=args.batch_size,
-               width=args.width, blocks=args.blocks,
-               num_classes=args.num_classes, seed=args.seed, data=data,
-               shift=args.shift, noise=args.noise)
-    print(f"digits: {len(data['train'][1])} train / {len(data['val'][1])} val"
-          f" / {len(data['test'][1])} test, {args.num_classes} classes; "
-          f"feature dim {4 * args.width}; decays after epochs "
-          f"{T.decay_epochs(args.epochs)}", flush=True)
-    t_start = time.time()
-    all_rows = {}
-    for fw in frameworks:
-        for v in variants:
-            fn = T.run if fw == "torch" else run_keras
-            all_rows[(fw, v)] = fn(v, log=lambda s: print(s, flush=True),
-                                   **cfg)
+    path = os.path.join(args.out, "runs.csv")
+    new = {}
+    if not args.analyze_only:
+        import torch
+        torch.set_num_threads(args.threads)
+        frameworks = (["torch", "keras"] if args.framework == "both"
+                      else [args.framework])
+        fns = {}
+        if "keras" in frameworks:
+            import _center_loss_keras as K
+            _keras_threads(args.threads)
+            fns["keras"] = K.run
+        device = "cuda" if args.full and torch.cuda.is_available() else "cpu"
+        fns["torch"] = functools.partial(T.run, device=device)
+        t_start = time.time()
+        setups = [(z, int(a), s) for z in _floats(args.noise)
+                  for a in _floats(args.aug) for s in _floats(args.seeds)]
+        for fw in frameworks:
+            for noise, aug, seed in setups:
+                data = T.load_splits(args.n_train, noise,
+                                     noise_seed=int(seed))
+                for v in variants:
+                    if fw == "keras" and v not in K.KERAS_VARIANTS:
+                        continue
+                    print(f"== {fw} {v} noise {noise:g} aug {aug} width "
+                          f"{args.width} seed {int(seed)} "
+                          f"({time.time() - t_start:.0f} s so far)",
+                          flush=True)
+                    rows = fns[fw](v, epochs=args.epochs, width=args.width,
+                                   blocks=args.blocks, seed=int(seed),
+                                   data=data, aug=bool(aug),
+                                   log=lambda s: print(s, flush=True))
+                    key = run_key(fw, v, noise, aug, args.width, seed)
+                    new[key] = rows
+                    runs = read_runs(path)
+                    runs[key] = rows
+                    write_runs(path, runs)
+        print(f"{len(new)} runs in {time.time() - t_start:.0f} s", flush=True)
+    summary = analyze(args.out)
+    figs = [plot_main(args.out), plot_mechanism(args.out, summary)]
+    print("wrote " + ", ".join(os.path.join(args.out, n) for n in
+                               ("runs.csv", "ratios.csv", "summary.csv"))
+          + ", " + ", ".join(f for f in figs if f), flush=True)
+    return new, summary
 
-    csv_path = os.path.join(args.out, "center_loss_lr_decay.csv")
-    with open(csv_path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for (fw, v), rows in all_rows.items():
-            for r in rows:
-                full = {k: r.get(k, float("nan")) for k in COLUMNS}
-                full.update(framework=fw, variant=v)
-                w.writerow({k: (f"{x:.6g}" if isinstance(x, float) else x)
-                            for k, x in full.items()})
-    peaks_path = os.path.join(args.out, "peaks.csv")
-    d1, d2 = T.decay_epochs(args.epochs)
-    with open(peaks_path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["framework", "variant", "quantity",
-                    f"ratio_decay1_after_epoch{d1}",
-                    f"ratio_decay2_after_epoch{d2}"])
-        print("\nafter/before ratio at each decay (mean of the 2 epochs from "
-              "the decay on / mean of the 3 epochs before; > 1 = peak):")
-        for (fw, v), rows in all_rows.items():
-            for key in PEAK_KEYS:
-                r = peak_ratios(rows, args.epochs, key)
-                w.writerow([fw, v, key] + [f"{x:.4f}" for x in r])
-                if key in ("train_center", "val_center"):
-                    print(f"  {fw:5s} {v:11s} {key:13s} "
-                          + "  ".join(f"{x:.3f}" for x in r))
-    png_path = os.path.join(args.out, "center_loss_lr_decay.png")
-    plot(all_rows, args.epochs, png_path)
-    print(f"\nwrote {csv_path}, {peaks_path}, {png_path} "
-          f"({time.time() - t_start:.0f} s)")
-    return all_rows
+
+def _keras_threads(threads):
+    import keras
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:
+            pass
 
 
 if __name__ == "__main__":

@@ -555,3 +555,60 @@ def test_training_call_moves_centers_unless_frozen():
     layer([x, y], training=True)
     np.testing.assert_array_equal(to_numpy(layer.centers), before)
     assert int(ops.convert_to_numpy(layer.iterations)) == 1
+
+
+def test_scale_free_loss_unchanged_when_features_scaled():
+    """`scale_free=True`: L_C on x / ||x||, so scaling the features (by one
+    factor or per sample) changes neither the loss, nor the added loss, nor
+    the center step; the relative metric is L_C / mean ||x^||^2 = L_C."""
+    rng = np.random.default_rng(12)
+    c0 = rng.normal(size=(K, D)) * 0.5
+    x = rng.normal(size=(6, D)).astype("float32")
+    y = np.array([0, 1, 1, 3, 2, 0], "int32")
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    expected = numpy_center_loss(c0, unit, y)
+    init = keras.initializers.Constant(c0)
+    scales = (1.0, 1e-3, 7.5, 1e3, rng.uniform(0.1, 10.0, size=(6, 1)))
+    for s in scales:
+        xs = (x * s).astype("float32")
+        layer = CenterLoss(K, alpha=0.3, loss_weight=0.2, scale_free=True,
+                           centers_initializer=init)
+        value = float(ops.convert_to_numpy(layer.center_loss(xs, y)))
+        np.testing.assert_allclose(value, expected, rtol=1e-5)
+        out = layer([xs, y], training=True)
+        np.testing.assert_array_equal(to_numpy(out), xs)  # raw features out
+        added = float(ops.convert_to_numpy(layer.losses[0]))
+        np.testing.assert_allclose(added, 0.2 * expected, rtol=1e-5)
+        np.testing.assert_allclose(
+            to_numpy(layer.centers), numpy_center_step(c0, unit, y, 0.3),
+            rtol=1e-5, atol=1e-6,
+        )
+        if layer.relative_tracker is not None:  # not on JAX
+            np.testing.assert_allclose(
+                float(ops.convert_to_numpy(layer.relative_tracker.result())),
+                expected, rtol=1e-5,
+            )
+    # the default (seed) loss does scale with ||x||^2
+    plain = CenterLoss(K, centers_initializer=init)
+    a = float(ops.convert_to_numpy(plain.center_loss(x, y)))
+    b = float(ops.convert_to_numpy(plain.center_loss(10 * x, y)))
+    assert b > 20 * a
+    config = CenterLoss(K, scale_free=True).get_config()
+    assert config["scale_free"] is True
+    assert CenterLoss.from_config(config).scale_free is True
+
+
+def test_relative_metric_is_loss_over_mean_squared_norm():
+    if BACKEND == "jax":
+        pytest.skip("layer metrics are not created on JAX (see the docstring)")
+    rng = np.random.default_rng(13)
+    c0 = rng.normal(size=(K, D))
+    x = rng.normal(size=(5, D)).astype("float32")
+    y = np.array([0, 1, 2, 3, 3], "int32")
+    layer = CenterLoss(K, centers_initializer=keras.initializers.Constant(c0))
+    layer([x, y], training=False)
+    expected = numpy_center_loss(c0, x, y) / np.mean(np.sum(x ** 2, axis=1))
+    np.testing.assert_allclose(
+        float(ops.convert_to_numpy(layer.relative_tracker.result())),
+        expected, rtol=1e-5,
+    )
