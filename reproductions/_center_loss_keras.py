@@ -1,4 +1,4 @@
-"""Keras side of the seed-003 reproduction, with `keras_batchfix.CenterLoss`.
+"""Keras side of the center-loss reproduction, with `keras_batchfix.CenterLoss`.
 
 The PyTorch experiment of `_center_loss_torch.run` written in Keras 3: the
 same data arrays, the same ImageNet-style ResNet (up to the padding

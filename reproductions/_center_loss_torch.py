@@ -1,4 +1,4 @@
-"""PyTorch side of the seed-003 reproduction (center loss vs. LR decay).
+"""PyTorch side of the center-loss reproduction (center loss vs. LR decay).
 
 Data: the `animal-mnist` package's 10,000 28x28 silhouettes of 10 animal
 classes (MIT licence; `pip install animal-mnist --no-deps`), read from the
@@ -12,14 +12,14 @@ basic blocks with BatchNorm at widths w, 2w, 4w, 8w, global average pool);
 `width=64, blocks=2` is ResNet-18 with 512-d features. The activation is
 ReLU or PReLU (one slope per activation, 0.25, as `torch.nn.PReLU()`).
 
-Training, as in seed 003: SGD(lr, momentum 0.9, weight decay on every
+Training, as in the report's code: SGD(lr, momentum 0.9, weight decay on every
 parameter) on cross-entropy + lambda * center loss, the centers stepped by
-their own SGD(lr=alpha) with the seed's CenterLoss
+their own SGD(lr=alpha) with the report's CenterLoss
 (keras_batchfix/references/torch_center_loss.py); LR x0.5 after 1/3 and
 x0.1 after 2/3 of the epochs.
 
 Variants (one thing changed at a time against `relu`):
-    relu          the seed's set-up (baseline)
+    relu          the report's set-up (baseline)
     prelu         PReLU instead of ReLU everywhere (seed: "problem goes away")
     prelu_last    ReLU everywhere except the block output that makes the
                   features (tests "all-positive ReLU features")

@@ -1,4 +1,4 @@
-"""Seed 003 on real data: does the center loss rise after an LR decay, and why?
+""""Decaying learning rate spikes center loss" on real data: does the center loss rise after an LR decay, and why?
 
 Data: the `animal-mnist` package (10,000 28x28 animal silhouettes, 10
 classes, MIT licence; `pip install animal-mnist --no-deps`), read from the
@@ -8,7 +8,7 @@ Model: an ImageNet-style ResNet-18 layout (two basic blocks per stage) at
 base width 32, i.e. 256-d features (ResNet-18 proper is width 64, 512-d:
 `--width 64`); ReLU or PReLU. Training as in the seed: SGD lr 0.05,
 momentum 0.9, weight decay 5e-4, batch 64, cross-entropy + 0.01 * center
-loss (alpha 0.5, the seed's PyTorch CenterLoss), 24 epochs with LR x0.5
+loss (alpha 0.5, the report's PyTorch CenterLoss), 24 epochs with LR x0.5
 after epoch 8 and x0.1 after epoch 16, no augmentation.
 
 Each run logs per epoch the running train center loss (what the seed
@@ -337,7 +337,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--framework", default="torch",
                    choices=["torch", "keras", "both"],
-                   help="PyTorch with the seed's CenterLoss, Keras "
+                   help="PyTorch with the report's CenterLoss, Keras "
                         "(keras_batchfix.CenterLoss on KERAS_BACKEND), or "
                         "both (--quick: both)")
     p.add_argument("--variants", default="relu,prelu,l2norm",

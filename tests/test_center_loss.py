@@ -2,7 +2,7 @@
 
 Run under each backend: `KERAS_BACKEND=jax pytest tests/test_center_loss.py`
 (tensorflow, jax, torch). References are NumPy re-implementations written
-here and the PyTorch port of seed 003 in `keras_batchfix.references`.
+here and the PyTorch port of the report's code in `keras_batchfix.references`.
 """
 
 
@@ -389,7 +389,7 @@ def _torch_parity_setup():
 
 
 def test_pytorch_parity_joint_training_20_steps():
-    """Seed 003's algorithm in PyTorch vs the Keras layer, from equal weights.
+    """The report's algorithm in PyTorch vs the Keras layer, from equal weights.
 
     20 SGD steps (the last batch short), cross-entropy + 0.01 * center loss.
     """
@@ -408,7 +408,7 @@ def test_pytorch_parity_joint_training_20_steps():
     b3 = rng.normal(scale=0.1, size=classes).astype("float32")
     c0 = (rng.normal(size=(classes, feat)) * np.sqrt(2 / classes)).astype("float32")
 
-    # PyTorch, as in the seed's training loop.
+    # PyTorch, as in the report's training loop.
     torch.manual_seed(0)
     net = torch.nn.ModuleDict(
         {

@@ -1,8 +1,8 @@
-"""The seed-003 reproduction (center loss vs. LR decay) runs and logs sane numbers.
+"""The center-loss reproduction ("Decaying learning rate spikes center loss") runs and logs sane numbers.
 
 Runs reproductions/center_loss_lr_decay.py in `--quick` mode as a subprocess
 (width-8 ResNet, 600 animal-mnist images, 6 epochs, LR decays after epochs 2
-and 4; PyTorch with the seed's CenterLoss for relu, prelu and l2norm, Keras
+and 4; PyTorch with the report's CenterLoss for relu, prelu and l2norm, Keras
 with keras_batchfix.CenterLoss for the same), then checks the logged
 schedule, that the decomposition of the center loss is exact, that the
 scale-free variant is scale-free, that the centers follow the class means
@@ -102,7 +102,7 @@ def test_decomposition_exact_and_scale_free_variant(quick_run):
 def test_centers_follow_class_means(quick_run):
     """In both frameworks the centers end near the class means: the lag G
     is a small part of the center loss and much less than at the start
-    (the seed's initial centers are N(0, 2/10) per coordinate)."""
+    (the report's initial centers are N(0, 2/10) per coordinate)."""
     _, runs, _ = quick_run
     for key, rows in runs.items():
         assert rows[-1]["tr_lag"] < 0.5 * rows[-1]["tr_center"], key

@@ -1,6 +1,6 @@
-"""PyTorch reference for center loss: the algorithm of seed 003, re-written.
+"""PyTorch reference for center loss: the algorithm of the report "Decaying learning rate spikes center loss", re-written.
 
-Seed 003 (after jxgu1016/MNIST_center_loss_pytorch) computes, for features
+The report's code (after jxgu1016/MNIST_center_loss_pytorch) computes, for features
 `x` of shape `(B, D)`, integer labels `y` of shape `(B,)` and centers `c` of
 shape `(num_classes, D)`:
 
@@ -31,7 +31,7 @@ from torch import nn
 
 
 class CenterLossFunction(torch.autograd.Function):
-    """Custom autograd function with the seed's (non-true) center gradient."""
+    """Custom autograd function with the report's (non-true) center gradient."""
 
     @staticmethod
     def forward(ctx, features, labels, centers, batch_size):
@@ -60,7 +60,7 @@ class CenterLossFunction(torch.autograd.Function):
 
 
 class TorchCenterLoss(nn.Module):
-    """Center loss with its own centers parameter, as in seed 003.
+    """Center loss with its own centers parameter, as in the report's code.
 
     Args:
         num_classes: number of classes (rows of the centers).
