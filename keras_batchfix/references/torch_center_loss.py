@@ -109,7 +109,7 @@ class TorchCenterLoss(nn.Module):
         return CenterLossFunction.apply(features, labels, self.centers, divisor)
 
     def make_optimizer(self, alpha=0.5):
-        """The seed's optimizer for the centers: plain SGD with lr=alpha."""
+        """The report's optimizer for the centers: plain SGD with lr=alpha."""
         return torch.optim.SGD(self.parameters(), lr=alpha)
 
 
