@@ -1,6 +1,6 @@
 """Training-step time of `CenterLoss` (loss, feature gradient, center update).
 
-Against the PyTorch reference of `keras_batchfix/references/torch_center_loss.py`
+Against the PyTorch reference of `batchfix_references/torch_center_loss.py`
 (seed 003's autograd Function plus its SGD step on the centers), in the same
 run. 512 features, batch 256, 10 and 10,000 classes.
 
@@ -26,7 +26,7 @@ def make_batch(num_classes, batch, features, seed=0):
 def reference_step(num_classes, x, labels):
     import torch
 
-    from keras_batchfix.references.torch_center_loss import TorchCenterLoss
+    from batchfix_references.torch_center_loss import TorchCenterLoss
 
     device = torch_device()
     center = TorchCenterLoss(num_classes, x.shape[1]).to(device)

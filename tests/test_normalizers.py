@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from keras_batchfix import EMACount, GlobalCount, LocalCount, SSDMultiboxLoss
-from keras_batchfix.references.ssd_data import random_batch
+from batchfix_references.ssd_data import random_batch
 from tests.training import fit_dense
 
 NUM_CLASSES = 4
