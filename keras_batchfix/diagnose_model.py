@@ -52,7 +52,9 @@ class ModelDiagnosis:
 
     Attributes:
         verdict: `"invariant"`, `"replica_sum"`, `"inverse_batch_size"` or
-            `"other"`, for the total loss.
+            `"other"` for the total loss; when the total is invariant but a
+            compile-time output's loss is not, that output's `diagnose`
+            verdict.
         advice: the fix in words.
         exponent: `d log(loss) / d log(B)` over repetitions of `(x, y)`.
         replica_factor: sum over the replicas of what each hands Keras,
@@ -192,12 +194,19 @@ def diagnose_model(
         verdict = "inverse_batch_size"
     else:
         verdict = "other"
+    advice = ADVICE[verdict]
+    outputs = _output_diagnoses(model, x, y, repeats, num_replicas, tolerance)
+    if verdict == "invariant":
+        # A small output's bug can hide in the total: any output decides.
+        for name, output in outputs.items():
+            if not output.ok:
+                verdict, advice = output.verdict, f"Output {name!r}: {output.advice}"
+                break
     result = ModelDiagnosis(
-        verdict=verdict, advice=ADVICE[verdict], exponent=exponent,
+        verdict=verdict, advice=advice, exponent=exponent,
         replica_factor=factor, replica_factor_split=factor_split,
         repetitions=repetitions, num_replicas=num_replicas,
-        outputs=_output_diagnoses(model, x, y, repeats, num_replicas, tolerance),
-        model_name=model.name,
+        outputs=outputs, model_name=model.name,
     )
     if verbose:
         print(result)
