@@ -1,6 +1,6 @@
 """Every private Keras name the package uses, in one place.
 
-Each has no public equivalent in the Keras versions tested: 3.10.0 and 3.15.1
+Each has no public equivalent in the Keras versions tested: 3.12.0 and 3.15.1
 (the oldest and newest of the supported range; CI runs the core tests on
 both). If a Keras release moves one, this module is the one to change.
 """
@@ -82,6 +82,6 @@ class ReplicaThreadLosses:
 # --- SpikeMonitor (issue 15) -------------------------------------------------
 # `print_msg` writes a message to stdout, or to absl logging once interactive
 # logging is off (`keras.config.disable_interactive_logging()`), as Keras's own
-# callbacks do. It lives in `keras.src.utils.io_utils` (Keras 3.10.0 and
+# callbacks do. It lives in `keras.src.utils.io_utils` (Keras 3.12.0 and
 # 3.15.1; the SpikeMonitor tests ran on 3.15.1) and `keras.utils` has no alias.
 from keras.src.utils.io_utils import print_msg  # noqa: E402,F401

@@ -2,7 +2,7 @@
 
 With `gradient_accumulation_steps=k` a Keras 3 optimizer adds up the
 gradients of `k` micro-batches and applies their *mean* (sum / k,
-keras/src/optimizers/base_optimizer.py, Keras 3.10 to 3.15). A loss
+keras/src/optimizers/base_optimizer.py, Keras 3.12 to 3.15). A loss
 normalized by its micro-batch's count `C_m` then trains on
 
     (1 / k) * sum over micro-batches m of (numerator_m / C_m)

@@ -24,7 +24,7 @@ A normalizer whose divisor is computed from the replica's own batch (a local
 count) gives the mean of the replicas' losses: its share is
 `numerator_r / (divisor_r * num_replicas)`.
 
-Tested with Keras 3.10.0 and 3.15.1 (TensorFlow 2.21, JAX 0.10, torch 2.13).
+Tested with Keras 3.12.0 and 3.15.1 (TensorFlow 2.21, JAX 0.10, torch 2.13).
 """
 
 import contextlib

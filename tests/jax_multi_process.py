@@ -44,7 +44,7 @@ def main(argv):
     import keras
     from keras import ops
 
-    from tests.composition import BATCH, EPOCHS, HEAD_LOSSES, build_cell, cell_data, cell_id
+    from tests.composition import BATCH, EPOCHS, HEAD_LOSSES, build_cell, cell_data, cell_id, cell_inputs
     from tests.torch_ddp import shard
 
     keras.utils.set_random_seed(0)
@@ -62,7 +62,7 @@ def main(argv):
         model = build_cell(cell)
         heads = [piece for piece in cell if piece in HEAD_LOSSES]
         y = dict(zip(("boxes", "aux"), (y_boxes, y_aux)[: len(heads)])) or None
-        model.fit({"x": x, "labels": labels}, y, batch_size=BATCH // processes,
+        model.fit(cell_inputs(cell, x, labels), y, batch_size=BATCH // processes,
                   epochs=EPOCHS, shuffle=False, verbose=0)
         weights[cell_id(cell)] = [
             np.asarray(ops.convert_to_numpy(w)).tolist() for w in model.weights

@@ -24,6 +24,7 @@ from tests.composition import (
     EPOCHS,
     HEAD_LOSSES,
     build_cell,
+    cell_inputs,
     cell_data,
     cell_id,
 )
@@ -73,7 +74,7 @@ def fit_shard(cell, rank, world_size):
     heads = [piece for piece in cell if piece in HEAD_LOSSES]
     y = dict(zip(("boxes", "aux"), (y_boxes, y_aux)[: len(heads)])) or None
     model.fit(
-        {"x": x, "labels": labels}, y, batch_size=BATCH // world_size,
+        cell_inputs(cell, x, labels), y, batch_size=BATCH // world_size,
         epochs=EPOCHS, shuffle=False, verbose=0,
     )
     return [np.asarray(ops.convert_to_numpy(w)).tolist() for w in model.weights]
