@@ -19,14 +19,13 @@ and Keras's mean reductions get `1 / num_replicas` as under `tf.distribute`.
 """
 
 import dataclasses
-import math
 
 import keras
 import numpy as np
 from keras import ops
 
 from keras_batchfix import replicas
-from keras_batchfix.diagnose import _slope, diagnose
+from keras_batchfix.diagnose import _fmt, _slope, diagnose
 
 ADVICE = {
     "invariant": "The model's loss is exact at every batch size and replica split.",
@@ -101,10 +100,6 @@ class ModelDiagnosis:
         lines.append(f"VERDICT: {self.verdict}")
         lines.append(f"  {self.advice}")
         return "\n".join(lines)
-
-
-def _fmt(value):
-    return "nan" if value is None or not math.isfinite(value) else f"{value:.3g}"
 
 
 def diagnose_model(

@@ -67,3 +67,14 @@ def printed_weights(log_path):
         name: [np.asarray(w) for w in ws]
         for name, ws in json.loads(lines[0][len("RESULT "):]).items()
     }
+
+
+def printed_line(module, prefix, timeout_s):
+    """Runs `python -m module` to its end; the text after `prefix` on its first such line."""
+    out = subprocess.run(
+        [sys.executable, "-m", module], cwd=ROOT, capture_output=True,
+        text=True, timeout=timeout_s, env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith(prefix)]
+    assert lines, out.stderr[-3000:]
+    return lines[0][len(prefix):]

@@ -26,6 +26,7 @@ if keras.backend.backend() != "tensorflow":
 
 from tests.composition import CELLS, cell_id, fit_cell, initial_weights  # noqa: E402
 from tests.multi_worker import CENTER_LOSS_SIZES  # noqa: E402
+from tests.processes import printed_weights  # noqa: E402
 from tests.test_center_loss import (  # noqa: E402
     CENTER_LOSS_HYPERPARAMETERS,
     center_loss_problem,
@@ -95,17 +96,6 @@ def wait_for_workers(workers, deadline):
             logs = "\n".join(path.read_text()[-1500:] for _, path in workers)
             pytest.fail(f"workers timed out after {TIMEOUT_S} s:\n{logs}")
         time.sleep(0.2)
-
-
-def printed_weights(log_path):
-    """The weights a worker printed, as name -> list of arrays."""
-    lines = [
-        line for line in log_path.read_text().splitlines()
-        if line.startswith("RESULT ")
-    ]
-    assert lines, log_path.read_text()[-3000:]
-    weights = json.loads(lines[0][len("RESULT "):])
-    return {name: [np.asarray(w) for w in ws] for name, ws in weights.items()}
 
 
 def test_multi_worker_equals_one_device(tmp_path):

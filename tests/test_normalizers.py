@@ -1,14 +1,12 @@
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from keras_batchfix import EMACount, GlobalCount, LocalCount, SSDMultiboxLoss
 from batchfix_references.ssd_data import random_batch
+from tests.processes import printed_line
 from tests.training import fit_dense
 
 NUM_CLASSES = 4
@@ -84,15 +82,7 @@ def test_bad_normalizer():
     importlib.util.find_spec("jax") is None, reason="needs JAX"
 )
 def test_jax_data_parallel_equals_one_device():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.jax_data_parallel"],
-        cwd=root, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, PYTHONPATH=root),
-    )
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, out.stderr[-3000:]
-    results = json.loads(lines[0][len("RESULT "):])
+    results = json.loads(printed_line("tests.jax_data_parallel", "RESULT ", 600))
     # The composition matrix and 2 CenterLoss problems.
     from tests.composition import CELLS
 

@@ -6,9 +6,6 @@ far as on one device. `keras_batchfix.retinanet.RetinaNetObjectDetector`
 divides by the global count. Needs keras-hub (the `keras-hub` extra).
 """
 
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -17,10 +14,10 @@ import pytest
 pytest.importorskip("keras_hub")
 
 import keras_batchfix  # noqa: E402
+from tests.processes import printed_line  # noqa: E402
 from tests.retinanet_problem import LEARNING_RATE, boxes_batch, detector  # noqa: E402
 from tests.training import strategy_scope  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def compiled(fixed, strategy=None, normalizer=None):
@@ -87,14 +84,9 @@ def test_mirrored_keras_hub_takes_twice_the_step(mirrored_strategy):
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="runs its own JAX process")
 def test_jax_data_parallel_fixed_trains_like_one_device():
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.retinanet_data_parallel"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, PYTHONPATH=ROOT),
+    moved, gap_value = map(
+        float, printed_line("tests.retinanet_data_parallel", "GAP ", 300).split()
     )
-    lines = [line for line in out.stdout.splitlines() if line.startswith("GAP ")]
-    assert lines, out.stderr[-3000:]
-    moved, gap_value = map(float, lines[0].split()[1:])
     assert moved > 1e-3
     assert gap_value < 1e-5
 
