@@ -19,7 +19,6 @@ from tests.retinanet_problem import LEARNING_RATE, boxes_batch, detector  # noqa
 from tests.training import strategy_scope  # noqa: E402
 
 
-
 def compiled(fixed, strategy=None, normalizer=None):
     with strategy_scope(strategy):
         model = detector(fixed, normalizer=normalizer() if normalizer else None)
