@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_batchfix import kernels
 from keras_batchfix.normalized_loss import NormalizedLoss
 
 MINING_MODES = ("batch", "per_image")
@@ -130,15 +131,20 @@ class SSDMultiboxLoss(NormalizedLoss):
         class_scores = y_pred[..., :n]
         box_offsets = y_pred[..., n : n + 4]
 
+        # One-hot rows: the sum is 1 for positive and negative anchors, 0
+        # for neutral ones, so the positives are the sum less the background.
+        target_total = ops.sum(class_targets, axis=-1)
         if self.from_logits:
-            cross_entropy = softmax_cross_entropy(class_targets, class_scores)
+            cross_entropy = kernels.softmax_cross_entropy(
+                class_targets, class_scores, target_total
+            )
         else:
             log_probs = ops.log(ops.maximum(class_scores, 1e-15))
             cross_entropy = -ops.sum(class_targets * log_probs, axis=-1)
-        box_loss = ops.sum(smooth_l1(box_offsets - box_targets), axis=-1)
+        box_loss = ops.sum(kernels.smooth_l1(box_offsets, box_targets), axis=-1)
 
-        positives = ops.max(class_targets[..., 1:], axis=-1)
         negatives = class_targets[..., 0]
+        positives = target_total - negatives
         hard_negatives = self._mine(cross_entropy, positives, negatives)
 
         per_image = ops.sum(
@@ -146,7 +152,9 @@ class SSDMultiboxLoss(NormalizedLoss):
             + self.alpha * positives * box_loss,
             axis=-1,
         )
-        invalid = _invalid_inputs(class_targets, class_scores, self.from_logits)
+        invalid = _invalid_inputs(
+            class_targets, target_total, class_scores, self.from_logits
+        )
         per_image = per_image + ops.where(invalid, float("nan"), 0.0)
         return per_image, ops.sum(positives)
 
@@ -213,62 +221,23 @@ class SSDMultiboxLoss(NormalizedLoss):
         return config
 
 
-def _invalid_inputs(class_targets, class_scores, from_logits):
-    """Whether the targets are not one-hot, or the probabilities are not ones."""
-    soft = ops.logical_and(class_targets != 0.0, class_targets != 1.0)
-    invalid = ops.logical_or(
-        ops.any(soft), ops.any(ops.sum(class_targets, axis=-1) > 1.0)
-    )
+def _invalid_inputs(class_targets, target_total, class_scores, from_logits):
+    """Whether the targets are not one-hot, or the probabilities are not ones.
+
+    Each anchor's `badness` is 0 exactly when its row is valid, then one
+    maximum over the anchors: a row reduction beside `target_total`'s (the
+    cheapest form measured on every backend). `t * t == t` holds in floating
+    point for 0 and 1 only.
+    """
+    badness = ops.sum(ops.abs(class_targets * class_targets - class_targets), axis=-1)
+    badness = badness + ops.relu(target_total - 1.0)
     if not from_logits:
-        outside = ops.logical_or(class_scores < 0.0, class_scores > 1.0)
-        unnormalized = ops.abs(ops.sum(class_scores, axis=-1) - 1.0) > 1e-3
-        invalid = ops.logical_or(
-            invalid, ops.logical_or(ops.any(outside), ops.any(unnormalized))
+        outside = ops.relu(-class_scores) + ops.relu(class_scores - 1.0)
+        badness = badness + ops.sum(outside, axis=-1)
+        badness = badness + ops.relu(
+            ops.abs(ops.sum(class_scores, axis=-1) - 1.0) - 1e-3
         )
-    return invalid
-
-
-def softmax_cross_entropy(targets, logits):
-    """`-sum_c t_c log softmax(s)_c`, over the last axis.
-
-    Compiled (TensorFlow, JAX), `cross_entropy_via_log_partition`: XLA fuses
-    it without materializing the log-softmax tensor. The torch backend runs
-    every op as its own kernel, and there torch's fused `log_softmax` is
-    faster: `cross_entropy_via_log_softmax`. `benchmarks/loss_parts.py` times
-    both on a backend.
-    """
-    if keras.backend.backend() == "torch":
-        return cross_entropy_via_log_softmax(targets, logits)
-    return cross_entropy_via_log_partition(targets, logits)
-
-
-def cross_entropy_via_log_partition(targets, logits):
-    """`sum_c t_c * logsumexp(s) - sum_c t_c s_c` (see `log_partition`)."""
-    return ops.sum(targets, axis=-1) * log_partition(logits) - ops.sum(
-        targets * logits, axis=-1
-    )
-
-
-def cross_entropy_via_log_softmax(targets, logits):
-    """`-sum_c t_c log_softmax(s)_c`, materializing the log-softmax."""
-    return -ops.sum(targets * ops.log_softmax(logits, axis=-1), axis=-1)
-
-
-def log_partition(scores):
-    """`log(sum(exp(scores), axis=-1))`, stable, with the usual gradient (softmax).
-
-    The max is taken out under `stop_gradient`: the result does not depend on
-    it, and XLA then fuses forward and backward into fewer passes than
-    `ops.logsumexp` (which also guards against infinite maxima).
-    """
-    top = ops.stop_gradient(ops.max(scores, axis=-1, keepdims=True))
-    return ops.log(ops.sum(ops.exp(scores - top), axis=-1)) + ops.squeeze(top, -1)
-
-
-def smooth_l1(difference):
-    """Elementwise `0.5 d^2` if `|d| < 1` else `|d| - 0.5`."""
-    absolute = ops.abs(difference)
-    return ops.where(absolute < 1.0, 0.5 * difference**2, absolute - 0.5)
+    return ops.logical_not(ops.max(badness) == 0.0)  # NaN included
 
 
 def top_k_mask(scores, k):
@@ -280,19 +249,16 @@ def top_k_mask(scores, k):
     row's number of candidates. Exactly `k[r]` entries are selected in row
     `r`; among equal scores the first ones win.
 
-    No sort: the k-th largest value is found exactly by bisection on the
-    float32 bit patterns (ordered like the values for non-negative floats),
-    31 passes of compare-and-count with static shapes. On CPU that is about
-    10x faster than sorting a batch of SSD300 anchors. The mask is then
-    `scores >= kth_largest`, unless some row has more entries equal to its
-    k-th largest than it may take: only then (an `ops.cond`) is the costlier
-    first-come tie-break computed, a cumulative sum over the row.
+    No sort: the k-th largest value (`kernels.kth_largest`) is the threshold,
+    and the mask is `scores >= kth_largest`, unless some row has more entries
+    equal to its k-th largest than it may take: only then (an `ops.cond`) is
+    the costlier first-come tie-break computed, a cumulative sum over the row.
     """
     scores = ops.convert_to_tensor(scores, dtype="float32")
     k = ops.convert_to_tensor(k, dtype="int32")
-    kth_largest, at_least_kth = _kth_largest(scores, ops.maximum(k, 1))
-    kth_largest = _per_row(kth_largest, scores)
-    wanted = _per_row(k, scores)
+    kth_largest, at_least_kth = kernels.kth_largest(scores, ops.maximum(k, 1))
+    kth_largest = kernels.per_row(kth_largest, scores)
+    wanted = kernels.per_row(k, scores)
     no_excess_ties = ops.all(ops.logical_or(at_least_kth == k, k == 0))
 
     def all_at_least_kth():
@@ -303,53 +269,10 @@ def top_k_mask(scores, k):
         tied = scores == kth_largest
         flat_ties = ops.reshape(ops.cast(tied, "int32"), (ops.shape(scores)[0], -1))
         tie_rank = ops.reshape(ops.cumsum(flat_ties, axis=-1), ops.shape(scores))
-        n_above = _per_row(_count(above), scores)
+        n_above = kernels.per_row(kernels.count_per_row(above), scores)
         return ops.logical_or(
             above, ops.logical_and(tied, tie_rank <= wanted - n_above)
         )
 
     selected = ops.cond(no_excess_ties, all_at_least_kth, first_ties_only)
     return ops.logical_and(selected, wanted > 0)
-
-
-def _count(mask):
-    """Number of true entries of each row (all axes but the first)."""
-    return ops.sum(ops.cast(mask, "int32"), axis=tuple(range(1, len(mask.shape))))
-
-
-def _per_row(values, like):
-    """`values` of shape `(rows,)` reshaped to broadcast against `like`."""
-    return ops.reshape(values, (-1,) + (1,) * (len(like.shape) - 1))
-
-
-def _kth_largest(scores, k):
-    """The `k[r]`-th largest non-negative value of each row, exactly.
-
-    Returns it and the number of entries of the row that are `>=` it.
-    """
-    bits = _bitcast(scores, "int32")  # negative scores give negative ints
-    # Invariant: count(bits >= low) >= k and count(bits >= high) < k.
-    low = ops.zeros(ops.shape(k), dtype="int32")
-    high = ops.full(ops.shape(k), 0x7F800001, dtype="int32")  # above +inf
-    at_least_low = _count(bits >= 0)
-    for _ in range(31):  # high - low < 2**31 halves to 1
-        middle = low + (high - low) // 2
-        counts = _count(bits >= _per_row(middle, bits))
-        enough = counts >= k
-        low = ops.where(enough, middle, low)
-        high = ops.where(enough, high, middle)
-        at_least_low = ops.where(enough, counts, at_least_low)
-    return _bitcast(low, "float32"), at_least_low
-
-
-def _bitcast(x, dtype):
-    """`ops.view` between 32-bit dtypes, also for a dynamic last axis.
-
-    Keras 3.15's TensorFlow `view` checks the last axis in Python and fails
-    when it is unknown (a `None` batch axis, as inside `fit`).
-    """
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        return tf.bitcast(x, dtype)
-    return ops.view(x, dtype)
