@@ -11,7 +11,7 @@ model's optimizer.
 import keras
 from keras import ops
 
-from keras_batchfix import normalizers, replicas
+from keras_batchfix import kernels, normalizers, replicas
 from keras_batchfix._keras_compat import ReplicaThreadLosses
 
 
@@ -251,13 +251,9 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             None if accumulation_steps is None else int(accumulation_steps)
         )
         if keras.backend.backend() != "jax":
-            self.value_tracker = keras.metrics.Mean(name=f"{self.name}_value")
-            self.relative_tracker = keras.metrics.Mean(
-                name=f"{self.name}_relative"
-            )
+            self.tracker = CenterLossMetrics(self.name)
         else:
-            self.value_tracker = None
-            self.relative_tracker = None
+            self.tracker = None
 
     # ------------------------------------------------------------------ build
 
@@ -340,8 +336,9 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         local_sum = _half_squared_distance_sum(features, gathered, weights)
         local_batch = ops.cast(ops.shape(features)[0], features.dtype)
         # NaN for a batch with an invalid label (see the class docstring).
-        invalid = ops.sum(1.0 - valid)
-        poison = ops.cast(ops.where(invalid > 0.0, float("nan"), 0.0), local_sum.dtype)
+        poison = ops.cast(
+            ops.where(ops.sum(valid) < local_batch, float("nan"), 0.0), local_sum.dtype
+        )
 
         divisor = self.normalizer.divisor(local_batch)
         training = bool(training) and self.trainable
@@ -353,49 +350,55 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
                 route=replicas.ADD_LOSS,
             )
         ]
+        detached = ops.stop_gradient(features)
         if training:
-            detached = ops.stop_gradient(features)
-            # sum_{i: y_i=j} (c_j - x_i) and n_j over all replicas.
+            # (c_{y_i} - x_i) per sample; n_j over all replicas.
             differences = ops.expand_dims(valid, -1) * (gathered - detached)
-            sums = ops.segment_sum(differences, labels, self.num_classes)
-            counts = ops.segment_sum(valid, labels, self.num_classes)
-            sums, counts = replicas.global_sum([sums, counts])
+            counts = replicas.global_sum(
+                kernels.segment_sum(valid, labels, self.num_classes)
+            )
             if self.accumulation_steps:
-                self._accumulate_centers(centers, sums, counts)
+                sums = kernels.segment_sum(differences, labels, self.num_classes)
+                self._accumulate_centers(centers, replicas.global_sum(sums), counts)
             else:
-                self._step_centers(centers, sums, counts, losses)
+                self._step_centers(centers, differences, labels, counts, losses)
             self.iterations.assign_add(
                 ops.ones((), dtype=self.iterations.dtype)
             )
         self.add_loss(losses)
-        if self.value_tracker is not None:
-            self.value_tracker.update_state(
+        if self.tracker is not None:
+            local_sum = ops.stop_gradient(local_sum)
+            squares = ops.sum(valid * ops.sum(ops.square(detached), axis=-1))
+            self.tracker.update_state(
                 local_sum / ops.maximum(local_batch, 1.0) + poison,
-                sample_weight=local_batch,
-            )
-        if self.relative_tracker is not None:
-            squares = ops.sum(valid * ops.sum(ops.square(features), axis=-1))
-            self.relative_tracker.update_state(
                 local_sum / ops.maximum(squares, 1e-12),
-                sample_weight=local_batch,
+                local_batch,
             )
         return features_in
 
-    def _step_centers(self, centers, sums, counts, losses):
-        """The center step of one batch (a surrogate loss term if trainable)."""
-        delta = sums / ops.expand_dims(1.0 + counts, -1)
-        alpha = self._current_alpha()
+    def _step_centers(self, centers, differences, labels, counts, losses):
+        """The center step of one batch (a surrogate loss term if trainable).
+
+            alpha * delta_j = sum_{i: y_i=j} (alpha / (1 + n_j)) (c_j - x_i)
+
+        each sample's difference scaled before the per-class sum (the sum
+        over all replicas), so the step costs one pass over the centers.
+        """
+        rate = self._current_alpha() / (1.0 + counts)
+        scaled = differences * ops.expand_dims(ops.take(rate, labels, axis=0), -1)
+        step = replicas.global_sum(
+            kernels.segment_sum(scaled, labels, self.num_classes)
+        )
         if self.centers_trainable:
             # Zero-valued term whose gradient w.r.t. the centers is
             # alpha * delta, the same on every replica (delta is global):
             # the replicas' mean of it.
-            step = ops.stop_gradient(alpha * delta)
             surrogate = ops.sum(step * (centers - ops.stop_gradient(centers)))
             losses.append(
                 replicas.to_keras(surrogate, 1.0, False, route=replicas.ADD_LOSS)
             )
         else:
-            self.centers.assign(ops.stop_gradient(centers) - alpha * delta)
+            kernels.assign_sub(self.centers, step)
 
     def _loss_features(self, features):
         """The features the loss uses: `x / max(||x||, 1e-6)` if scale-free."""
@@ -530,6 +533,31 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             scale_free=self.scale_free,
         )
         return config
+
+
+class CenterLossMetrics(keras.metrics.Metric):
+    """The layer's two logged values, means over the samples seen.
+
+    `<name>_value`, the mean of `L_C`, and `<name>_relative`, the mean of
+    `L_C / mean_i ||x_i||^2`, each batch weighted by its size: one variable,
+    `[sum_t w_t v_t, sum_t w_t r_t, sum_t w_t]`, updated once a step.
+    """
+
+    def __init__(self, name, dtype=None):
+        super().__init__(name=f"{name}_metrics", dtype=dtype)
+        self.layer_name = name
+        self.sums = self.add_variable((3,), "zeros", name="sums")
+
+    def update_state(self, value, relative, weight):
+        step = ops.stack([value * weight, relative * weight, weight])
+        self.sums.assign_add(ops.cast(step, self.dtype))
+
+    def result(self):
+        means = ops.divide_no_nan(self.sums[:2], self.sums[2])
+        return {
+            f"{self.layer_name}_value": means[0],
+            f"{self.layer_name}_relative": means[1],
+        }
 
 
 def _half_squared_distance_sum(features, gathered, valid):

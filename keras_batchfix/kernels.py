@@ -12,7 +12,8 @@ Native paths:
   k-th largest score of hard-negative mining (31 bisection passes are some
   250 kernels), `torch.nn.functional.smooth_l1_loss` and `log_softmax`,
   `index_add_` for segment sums (Keras's torch `segment_sum` broadcasts the
-  ids to the data's shape and scatters);
+  ids to the data's shape and scatters), `sub_` for a variable's in-place
+  update;
 * TensorFlow: `tf.bitcast`, because Keras 3.15's TensorFlow `ops.view`
   checks the last axis in Python and fails on a dynamic one.
 """
@@ -177,3 +178,22 @@ def segment_sum_by_index_add(data, segment_ids, num_segments):
         (num_segments,) + tuple(data.shape[1:]), dtype=data.dtype, device=data.device
     )
     return out.index_add_(0, segment_ids.long(), data)
+
+
+def assign_sub(variable, value):
+    """`variable.assign_sub(value)`; on torch in place, one pass over it.
+
+    (Keras's torch `assign_sub` computes `variable - value`, then copies it
+    into the variable: two passes, and a buffer of the variable's size.)
+    """
+    if _backend() == "torch":
+        return assign_sub_in_place(variable, value)
+    variable.assign_sub(value)
+
+
+def assign_sub_in_place(variable, value):
+    """`assign_sub` with `torch.Tensor.sub_` (torch backend only)."""
+    import torch
+
+    with torch.no_grad():
+        variable.value.sub_(ops.convert_to_tensor(value, dtype=variable.dtype))

@@ -25,15 +25,21 @@ from keras import ops
 from keras_batchfix import replicas
 
 
-def _checked_count(count):
-    """`count` as a float32 scalar; NaN where it is negative (see `_divisor`)."""
+def _float_count(count):
+    """`count` as a float32 scalar without gradient."""
     count = ops.stop_gradient(ops.cast(count, "float32"))
     if len(count.shape) != 0:
         raise ValueError(
             "A normalizer's `count` must be a scalar; received shape "
             f"{tuple(count.shape)}."
         )
-    return ops.where(count < 0.0, float("nan"), count)
+    return count
+
+
+def _checked_count(count):
+    """`count` as a float32 scalar; NaN where it is negative (see `_divisor`)."""
+    count = _float_count(count)
+    return ops.where(count >= 0.0, count, float("nan"))
 
 
 def _divisor(total):
@@ -41,10 +47,10 @@ def _divisor(total):
 
     A count cannot be negative: rather than clamp it to 1 and train on a
     wrong scale, the loss becomes NaN on every backend, in compiled code too
-    (where checking the value would cost a host round-trip).
+    (where checking the value would cost a host round-trip). (A NaN fails
+    the comparison.)
     """
-    bad = ops.logical_or(ops.isnan(total), total < 0.0)
-    return ops.where(bad, float("nan"), ops.maximum(total, 1.0))
+    return ops.where(total >= 0.0, ops.maximum(total, 1.0), float("nan"))
 
 
 @keras.saving.register_keras_serializable(package="keras_batchfix")
@@ -68,7 +74,7 @@ class LocalCount:
     is_global = False
 
     def divisor(self, count):
-        return _divisor(_checked_count(count))
+        return _divisor(_float_count(count))
 
     def get_config(self):
         return {}

@@ -177,7 +177,9 @@ def to_keras(numerator, divisor, divisor_is_global, route):
     if not divisor_is_global:
         factor = factor * mean_of_replicas()
     divisor = ops.cast(divisor, numerator.dtype)
-    return numerator * ops.cast(factor, numerator.dtype) / divisor
+    if factor != 1.0:  # a Python float: one op less on every step otherwise
+        numerator = numerator * ops.cast(factor, numerator.dtype)
+    return numerator / divisor
 
 
 def average_gradients_over_processes(model):

@@ -583,9 +583,11 @@ def test_scale_free_loss_unchanged_when_features_scaled():
             to_numpy(layer.centers), numpy_center_step(c0, unit, y, 0.3),
             rtol=1e-5, atol=1e-6,
         )
-        if layer.relative_tracker is not None:  # not on JAX
+        if layer.tracker is not None:  # not on JAX
             np.testing.assert_allclose(
-                float(ops.convert_to_numpy(layer.relative_tracker.result())),
+                float(ops.convert_to_numpy(
+                    layer.tracker.result()[f"{layer.name}_relative"]
+                )),
                 expected, rtol=1e-5,
             )
     # the default (seed) loss does scale with ||x||^2
@@ -608,7 +610,12 @@ def test_relative_metric_is_loss_over_mean_squared_norm():
     layer = CenterLoss(K, centers_initializer=keras.initializers.Constant(c0))
     layer([x, y], training=False)
     expected = numpy_center_loss(c0, x, y) / np.mean(np.sum(x ** 2, axis=1))
+    results = layer.tracker.result()
     np.testing.assert_allclose(
-        float(ops.convert_to_numpy(layer.relative_tracker.result())),
+        float(ops.convert_to_numpy(results[f"{layer.name}_relative"])),
         expected, rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        float(ops.convert_to_numpy(results[f"{layer.name}_value"])),
+        numpy_center_loss(c0, x, y), rtol=1e-5,
     )

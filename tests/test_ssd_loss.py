@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from keras_batchfix import SSDMultiboxLoss
-from keras_batchfix import ssd_loss
 from keras_batchfix.ssd_loss import top_k_mask
 from tests.gradients import value_and_grad
 from tests.training import batch_loss
