@@ -61,9 +61,12 @@ def floor_loss(y_true, y_pred):
     from keras_batchfix import kernels
 
     n = NUM_CLASSES
-    cross_entropy = kernels.softmax_cross_entropy(y_true[..., :n], y_pred[..., :n])
-    box = ops.sum(kernels.smooth_l1(y_pred[..., n : n + 4], y_true[..., n : n + 4]), -1)
-    return ops.sum(cross_entropy + box) / ops.maximum(ops.sum(y_true[..., 1:n]), 1.0)
+    class_targets, box_targets, _ = ops.split(y_true, [n, n + 4], axis=-1)
+    class_scores, box_offsets, _ = ops.split(y_pred, [n, n + 4], axis=-1)
+    cross_entropy = kernels.softmax_cross_entropy(class_targets, class_scores)
+    box = ops.sum(kernels.smooth_l1(box_offsets, box_targets), -1)
+    positives = ops.sum(class_targets) - ops.sum(class_targets[..., 0])
+    return ops.sum(cross_entropy + box) / ops.maximum(positives, 1.0)
 
 
 def keras_steps(y_true, y_pred):

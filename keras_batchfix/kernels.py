@@ -10,7 +10,8 @@ Native paths:
 
 * torch (every op is its own kernel there, eagerly): `torch.topk` for the
   k-th largest score of hard-negative mining (31 bisection passes are some
-  250 kernels), `torch.nn.functional.smooth_l1_loss` and `log_softmax`,
+  250 kernels), `torch.nn.functional.smooth_l1_loss` on the positive
+  anchors only and `log_softmax`, `einsum` for a row's sum of squares,
   `index_add_` for segment sums (Keras's torch `segment_sum` broadcasts the
   ids to the data's shape and scatters), `sub_` for a variable's in-place
   update;
@@ -126,6 +127,34 @@ def smooth_l1_by_torch(prediction, target):
     return F.smooth_l1_loss(prediction, target, reduction="none", beta=1.0)
 
 
+def weighted_smooth_l1(prediction, target, weights):
+    """`weights * sum_k smooth_l1(prediction, target)[..., k]`, shape of `weights`.
+
+    `prediction`, `target`: `(..., 4)`; `weights`: `(...)`, zero for most
+    rows (the box loss counts on positive anchors only). Compiled backends
+    compute every row. Torch: only the rows of non-zero weight
+    (`weighted_smooth_l1_of_nonzero`), so the box term of an SSD loss costs
+    its 1% of positives, not all anchors.
+    """
+    if _backend() == "torch":
+        return weighted_smooth_l1_of_nonzero(prediction, target, weights)
+    return weights * ops.sum(smooth_l1(prediction, target), axis=-1)
+
+
+def weighted_smooth_l1_of_nonzero(prediction, target, weights):
+    """`weighted_smooth_l1` on the rows of non-zero weight (torch backend only)."""
+    import torch
+
+    flat_weights = weights.reshape(-1)
+    rows = torch.nonzero(flat_weights).squeeze(1)  # one host sync
+    depth = prediction.shape[-1]
+    losses = smooth_l1_by_torch(
+        prediction.reshape(-1, depth)[rows], target.reshape(-1, depth)[rows]
+    ).sum(-1)
+    out = torch.zeros_like(flat_weights).index_add(0, rows, losses * flat_weights[rows])
+    return out.reshape(weights.shape)
+
+
 def softmax_cross_entropy(targets, logits, target_total=None):
     """`-sum_c t_c log softmax(s)_c` over the last axis.
 
@@ -160,6 +189,20 @@ def log_partition(scores):
     """
     top = ops.stop_gradient(ops.max(scores, axis=-1, keepdims=True))
     return ops.log(ops.sum(ops.exp(scores - top), axis=-1)) + ops.squeeze(top, -1)
+
+
+def row_sum_of_squares(x):
+    """`sum(x * x, axis=-1)`. Torch: an `einsum` (no temporary of `x`'s size)."""
+    if _backend() == "torch":
+        return row_sum_of_squares_by_einsum(x)
+    return ops.sum(x * x, axis=-1)
+
+
+def row_sum_of_squares_by_einsum(x):
+    """`row_sum_of_squares` with `torch.einsum` (torch backend only)."""
+    import torch
+
+    return torch.einsum("...c,...c->...", x, x)
 
 
 def segment_sum(data, segment_ids, num_segments):

@@ -34,8 +34,9 @@ class SSDMultiboxLoss(NormalizedLoss):
     * `mining="per_image"` (ssd.pytorch, torchvision): for each image `i`,
       `k_i = min(max(neg_pos_ratio * |P_i|, n_neg_min), |negatives_i|)`.
 
-    `k` is truncated to an integer. Mining finds the k-th largest loss by
-    bisection and selects with masks of static shape (no sort, no boolean
+    `k` is truncated to an integer. Mining finds the k-th largest loss
+    (`keras_batchfix.kernels.kth_largest`: bisection under XLA, `torch.topk`
+    on torch) and selects with masks of static shape (no sort, no boolean
     indexing), so the loss runs under `jit_compile=True`.
 
     Layout (ssd_keras's): `y_true` and `y_pred` have shape
@@ -50,9 +51,12 @@ class SSDMultiboxLoss(NormalizedLoss):
     compiled code alike (a few reductions, no host round-trip), so `fit`
     shows `loss: nan` from the first step:
 
-    * soft class targets (label smoothing, mixup): an entry of the one-hot
-      part of `y_true` other than 0 or 1, or a row summing to more than 1.
-      Such an anchor would count as positive and as negative at once;
+    * soft class targets (label smoothing, mixup): a row of the one-hot part
+      of `y_true` that is neither one-hot nor all zero. Such an anchor would
+      count as positive and as negative at once. (The test uses row sums:
+      entries below float32 resolution of their row's sum, 2**-24 of it,
+      outside the background column, go unseen; they change the loss by less
+      than its rounding.);
     * `from_logits=False` given scores that are not probabilities: an entry
       outside `[0, 1]` or a row whose sum differs from 1 by more than 1e-3
       (logits, most likely: pass `from_logits=True`).
@@ -126,10 +130,10 @@ class SSDMultiboxLoss(NormalizedLoss):
     def numerator_and_count(self, y_true, y_pred):
         self._check_shapes(y_true, y_pred)
         n = self.num_classes
-        class_targets = y_true[..., :n]
-        box_targets = y_true[..., n : n + 4]
-        class_scores = y_pred[..., :n]
-        box_offsets = y_pred[..., n : n + 4]
+        # One split, not two slices: on torch its gradient is one
+        # concatenation, where each slice's would be a zero-filled copy.
+        class_targets, box_targets, _ = ops.split(y_true, [n, n + 4], axis=-1)
+        class_scores, box_offsets, _ = ops.split(y_pred, [n, n + 4], axis=-1)
 
         # One-hot rows: the sum is 1 for positive and negative anchors, 0
         # for neutral ones, so the positives are the sum less the background.
@@ -141,16 +145,16 @@ class SSDMultiboxLoss(NormalizedLoss):
         else:
             log_probs = ops.log(ops.maximum(class_scores, 1e-15))
             cross_entropy = -ops.sum(class_targets * log_probs, axis=-1)
-        box_loss = ops.sum(kernels.smooth_l1(box_offsets, box_targets), axis=-1)
 
         negatives = class_targets[..., 0]
         positives = target_total - negatives
         hard_negatives = self._mine(cross_entropy, positives, negatives)
 
+        box_loss = kernels.weighted_smooth_l1(
+            box_offsets, box_targets, self.alpha * positives
+        )
         per_image = ops.sum(
-            (positives + hard_negatives) * cross_entropy
-            + self.alpha * positives * box_loss,
-            axis=-1,
+            (positives + hard_negatives) * cross_entropy + box_loss, axis=-1
         )
         invalid = _invalid_inputs(
             class_targets, target_total, class_scores, self.from_logits
@@ -224,20 +228,28 @@ class SSDMultiboxLoss(NormalizedLoss):
 def _invalid_inputs(class_targets, target_total, class_scores, from_logits):
     """Whether the targets are not one-hot, or the probabilities are not ones.
 
-    Each anchor's `badness` is 0 exactly when its row is valid, then one
-    maximum over the anchors: a row reduction beside `target_total`'s (the
-    cheapest form measured on every backend). `t * t == t` holds in floating
-    point for 0 and 1 only.
+    Per anchor, from row reductions only (no temporary of the targets' size
+    on torch): the row sum and the background entry must be 0 or 1, and the
+    sum of squares must equal the sum. That holds for one-hot and all-zero
+    rows only, up to entries too small to change the row's float32 sum
+    (below 2**-24 of it), which change the loss by less than its rounding.
     """
-    badness = ops.sum(ops.abs(class_targets * class_targets - class_targets), axis=-1)
-    badness = badness + ops.relu(target_total - 1.0)
+    background = class_targets[..., 0]
+    invalid = ops.logical_or(
+        ops.logical_or(_not_binary(target_total), _not_binary(background)),
+        kernels.row_sum_of_squares(class_targets) != target_total,
+    )
     if not from_logits:
         outside = ops.relu(-class_scores) + ops.relu(class_scores - 1.0)
-        badness = badness + ops.sum(outside, axis=-1)
-        badness = badness + ops.relu(
+        badness = ops.sum(outside, axis=-1) + ops.relu(
             ops.abs(ops.sum(class_scores, axis=-1) - 1.0) - 1e-3
         )
-    return ops.logical_not(ops.max(badness) == 0.0)  # NaN included
+        invalid = ops.logical_or(invalid, ops.logical_not(badness == 0.0))
+    return ops.any(invalid)
+
+
+def _not_binary(x):
+    return ops.logical_and(x != 0.0, x != 1.0)
 
 
 def top_k_mask(scores, k):

@@ -13,7 +13,14 @@ from tests.gradients import value_and_grad
 
 
 # The native forms, which only the torch backend can run.
-TORCH_FORMS = {"kth_largest_by_topk", "smooth_l1_by_torch", "segment_sum_by_index_add"}
+TORCH_FORMS = {
+    "kth_largest_by_topk",
+    "smooth_l1_by_torch",
+    "weighted_smooth_l1_of_nonzero",
+    "row_sum_of_squares_by_einsum",
+    "segment_sum_by_index_add",
+    "assign_sub_in_place",
+}
 
 
 def _numpy(x):
@@ -110,6 +117,44 @@ def test_softmax_cross_entropy_value_and_gradient(kernel, given_total):
     softmax = np.exp(log_softmax)
     want_grad = weights[..., None] * (targets.sum(-1, keepdims=True) * softmax - targets)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+@forms("weighted_smooth_l1", "weighted_smooth_l1_of_nonzero")
+def test_weighted_smooth_l1_value_and_gradient(kernel):
+    rng = np.random.default_rng(7)
+    prediction = (3 * rng.normal(size=(3, 40, 4))).astype("float32")
+    target = rng.normal(size=prediction.shape).astype("float32")
+    weights = np.where(rng.random((3, 40)) < 0.2, 1.5, 0.0).astype("float32")
+    weights[2] = 0.0  # an image without positives
+    d = prediction.astype("float64") - target
+    per_row = np.where(np.abs(d) < 1, 0.5 * d**2, np.abs(d) - 0.5).sum(-1)
+    per_image = [0.1, 1.0, 10.0]
+    value, grad = value_and_grad(
+        lambda p: keras.ops.sum(
+            kernel(p, keras.ops.array(target), keras.ops.array(weights))
+            * keras.ops.array(np.array(per_image, "float32"))[:, None]
+        ),
+        prediction,
+    )
+    np.testing.assert_allclose(
+        value, (weights * per_row * np.array(per_image)[:, None]).sum(), rtol=1e-5
+    )
+    scale = (weights * np.array(per_image)[:, None])[..., None]
+    np.testing.assert_allclose(grad, scale * np.clip(d, -1, 1), rtol=1e-5, atol=1e-6)
+
+
+@forms("row_sum_of_squares", "row_sum_of_squares_by_einsum")
+def test_row_sum_of_squares(kernel):
+    x = np.random.default_rng(8).normal(size=(3, 5, 7)).astype("float32")
+    got = _numpy(kernel(keras.ops.array(x)))
+    np.testing.assert_allclose(got, (x.astype("float64") ** 2).sum(-1), rtol=1e-5)
+
+
+@forms("assign_sub", "assign_sub_in_place")
+def test_assign_sub(kernel):
+    variable = keras.Variable(np.arange(6, dtype="float32").reshape(2, 3))
+    kernel(variable, keras.ops.ones((2, 3)))
+    np.testing.assert_array_equal(_numpy(variable), np.arange(6).reshape(2, 3) - 1.0)
 
 
 @forms("segment_sum", "segment_sum_by_index_add")

