@@ -1,10 +1,13 @@
 """Training-step time of `CenterLoss` (loss, feature gradient, center update).
 
 Against the PyTorch reference of `batchfix_references/torch_center_loss.py`
-(seed 003's autograd Function plus its SGD step on the centers), in the same
-run. 512 features, batch 256, 10 and 10,000 classes.
+(the report's autograd Function plus its SGD step on the centers), timed
+inside every backend's process, its steps taken in turn with the Keras ones
+(`harness.interleaved_medians`), so each ratio compares steps measured side
+by side. 512 features, batch 256, 10 and 10,000 classes.
 
     python benchmarks/center_loss_speed.py [--quick]
+    python benchmarks/center_loss_speed.py --backends torch --repeats 50
 """
 
 import argparse
@@ -107,13 +110,13 @@ def keras_steps(num_classes, x, labels):
 
 
 def worker(args):
+    """`{classes: {mode: median seconds}}`; mode "torch reference" included."""
     results = {}
     for num_classes in args.classes:
         x, labels = make_batch(num_classes, args.batch, args.features)
-        if args.worker == "reference":
-            steps = reference_step(num_classes, x, labels)
-        else:
-            steps = keras_steps(num_classes, x, labels)
+        steps = reference_step(num_classes, x, labels)
+        if args.worker != "reference":
+            steps.update(keras_steps(num_classes, x, labels))
         results[str(num_classes)] = interleaved_medians(steps, args.repeats)
     emit(results)
 
@@ -137,18 +140,22 @@ def main():
         "--features", str(args.features), "--repeats", str(args.repeats),
     ]
     script = os.path.abspath(__file__)
-    reference = run_worker(script, "reference", arguments)
+    alone = run_worker(script, "reference", arguments)
     measured = {b: run_worker(script, b, arguments) for b in args.backends}
     print(f"CenterLoss training step, batch {args.batch}, {args.features} "
-          f"features, median of {args.repeats}")
-    print(f"{'classes':>8} {'backend/mode':<16} {'median ms':>10} {'/ torch ref':>11}")
+          f"features, median of {args.repeats}; / ref: the torch reference timed "
+          "in turn in the same process, / ref alone: in its own process")
+    print(f"{'classes':>8} {'backend/mode':<16} {'median ms':>10} {'/ ref':>7} "
+          f"{'/ ref alone':>11}")
     for num_classes in map(str, args.classes):
-        ref = reference[num_classes]["torch reference"]
-        print(f"{num_classes:>8} {'torch reference':<16} {ref * 1e3:>10.2f} {1.0:>11.2f}")
+        by_itself = alone[num_classes]["torch reference"]
+        print(f"{num_classes:>8} {'ref alone':<16} {by_itself * 1e3:>10.2f}")
         for results in measured.values():
-            for mode, seconds in results[num_classes].items():
+            timed = results[num_classes]
+            ref = timed["torch reference"]
+            for mode, seconds in timed.items():
                 print(f"{num_classes:>8} {mode:<16} {seconds * 1e3:>10.2f} "
-                      f"{seconds / ref:>11.2f}")
+                      f"{seconds / ref:>7.2f} {seconds / by_itself:>11.2f}")
 
 
 if __name__ == "__main__":

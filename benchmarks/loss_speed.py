@@ -160,17 +160,24 @@ def main():
         "--batch-sizes", *map(str, args.batch_sizes),
     ]
     script = os.path.abspath(__file__)
+    alone = run_worker(script, "reference", arguments)
     seconds = {b: run_worker(script, b, arguments) for b in args.backends}
     peaks = {} if args.no_memory else {
         w: run_worker(script, w, [*arguments, "--memory"], memory=True)
         for w in ["reference", *args.backends]
     }
     print(f"SSDMultiboxLoss forward+backward, {args.anchors} anchors, "
-          f"{NUM_CLASSES} classes, median of {args.repeats} (torch ref timed in "
-          "turn with each backend); peak = largest resident-set rise in a step")
+          f"{NUM_CLASSES} classes, median of {args.repeats}; / torch ref: the "
+          "reference timed in turn in the same process, / alone: in its own "
+          "process; peak = largest resident-set rise in a step")
     print(f"{'B':>4} {'backend/mode':<13} {'mining':<10} {'median ms':>10} "
-          f"{'/ torch ref':>11} {'/ floor':>8} {'peak MiB':>9} {'/ torch ref':>11}")
+          f"{'/ torch ref':>11} {'/ alone':>8} {'/ floor':>8} {'peak MiB':>9} "
+          f"{'/ torch ref':>11}")
     for batch_size in map(str, args.batch_sizes):
+        by_itself = alone[batch_size]["torch ref"]
+        for mining in ("batch", "per_image"):
+            print(f"{batch_size:>4} {'ref alone':<13} {mining:<10} "
+                  f"{by_itself[mining] * 1e3:>10.1f}")
         for backend in args.backends:
             timed = seconds[backend][batch_size]
             ref = timed["torch ref"]
@@ -181,7 +188,8 @@ def main():
                     print(
                         f"{batch_size:>4} {mode:<13} {mining:<10} "
                         f"{named[mining] * 1e3:>10.1f} "
-                        f"{named[mining] / ref[mining]:>11.2f} {versus_floor:>8} "
+                        f"{named[mining] / ref[mining]:>11.2f} "
+                        f"{named[mining] / by_itself[mining]:>8.2f} {versus_floor:>8} "
                         f"{_peak_columns(peaks, batch_size, mode, mining)}"
                     )
 

@@ -90,8 +90,12 @@ def kth_largest_by_topk(scores, k):
     if largest == 0:
         kth = torch.zeros(rows.shape[0], dtype=rows.dtype, device=rows.device)
     else:
-        top = torch.topk(rows, min(largest, rows.shape[1]), dim=1).values
-        kth = top.gather(1, (k - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        largest = min(largest, rows.shape[1])
+        if rows.shape[0] == 1:  # one k: the least of the top k, unsorted
+            kth = torch.topk(rows, largest, dim=1, sorted=False).values.amin(1)
+        else:
+            top = torch.topk(rows, largest, dim=1).values
+            kth = top.gather(1, (k - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
     at_least = (rows >= kth.unsqueeze(1)).sum(1, dtype=torch.int32)
     return kth, at_least
 

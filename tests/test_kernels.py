@@ -67,6 +67,19 @@ def test_kth_largest_matches_a_sort(kernel, distinct, row_shape):
 
 
 @KTH_LARGEST
+@pytest.mark.parametrize("k", [1, 37, 240])
+def test_kth_largest_of_one_row(kernel, k):
+    # One row (batch-wide mining): torch takes the least of an unsorted top k.
+    rng = np.random.default_rng(k)
+    scores = rng.choice(np.array([0.0, 0.5, 2.0, 7.0], "float32"), size=(1, 10, 30))
+    scores[0, 0, :] = rng.exponential(size=30)
+    kth, at_least = kernel(keras.ops.array(scores), keras.ops.array([k]))
+    want_kth, want_at_least = _numpy_kth_largest(scores, [k])
+    np.testing.assert_array_equal(_numpy(kth), want_kth)
+    np.testing.assert_array_equal(_numpy(at_least), want_at_least)
+
+
+@KTH_LARGEST
 def test_kth_largest_of_all_zero_rows(kernel):
     kth, at_least = kernel(
         keras.ops.zeros((2, 5)), keras.ops.array(np.array([1, 5], "int32"))
