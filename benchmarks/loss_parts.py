@@ -8,9 +8,11 @@ compiled modes of one backend, beside the torch reference:
 * `target dot`: `sum(y_true * y_pred)` over the class columns (a 21-of-25
   slice of the last axis, and its gradient padded back);
 * `cross-entropy`: as the loss computes it on this backend, and each of its
-  two forms (`ssd_loss.softmax_cross_entropy` picks one per backend):
+  two forms (`kernels.softmax_cross_entropy` picks one per backend):
   `CE via log-partition` (both parts above) and `CE via log_softmax`;
-* `smooth L1`: the box term over all anchors;
+* `smooth L1`: the box term over all anchors; `box term`: as the loss
+  computes it (`kernels.weighted_smooth_l1`, positives only on torch);
+* `one-hot check`: the loss's test of the targets (`ssd_loss._invalid_inputs`);
 * `floor`: cross-entropy + smooth L1 (`loss_speed.floor_loss`);
 * `batch` / `per_image`: the whole loss.
 
@@ -26,14 +28,13 @@ from loss_speed import NUM_CLASSES, floor_loss, make_batch, torch_reference_step
 def parts():
     from keras import ops
 
-    from keras_batchfix import SSDMultiboxLoss
-    from keras_batchfix import ssd_loss
-    from keras_batchfix.ssd_loss import log_partition, smooth_l1
+    from keras_batchfix import SSDMultiboxLoss, kernels
+    from keras_batchfix.ssd_loss import _invalid_inputs
 
     n = NUM_CLASSES
 
     def log_partition_sum(y_true, y_pred):
-        return ops.sum(log_partition(y_pred[..., :n]))
+        return ops.sum(kernels.log_partition(y_pred[..., :n]))
 
     def target_dot(y_true, y_pred):
         return ops.sum(y_true[..., :n] * y_pred[..., :n])
@@ -44,15 +45,28 @@ def parts():
         )
 
     def smooth_l1_sum(y_true, y_pred):
-        return ops.sum(smooth_l1(y_pred[..., n : n + 4] - y_true[..., n : n + 4]))
+        return ops.sum(kernels.smooth_l1(y_pred[..., n : n + 4], y_true[..., n : n + 4]))
+
+    def box_term(y_true, y_pred):
+        positives = ops.sum(y_true[..., 1:n], axis=-1)
+        return ops.sum(kernels.weighted_smooth_l1(
+            y_pred[..., n : n + 4], y_true[..., n : n + 4], positives
+        ))
+
+    def one_hot_check(y_true, y_pred):
+        targets = y_true[..., :n]
+        invalid = _invalid_inputs(targets, ops.sum(targets, -1), y_pred, True)
+        return ops.sum(y_pred[..., 0, 0]) + ops.cast(invalid, "float32")
 
     return {
         "log-partition": log_partition_sum,
         "target dot": target_dot,
-        "cross-entropy": summed(ssd_loss.softmax_cross_entropy),
-        "CE via log-partition": summed(ssd_loss.cross_entropy_via_log_partition),
-        "CE via log_softmax": summed(ssd_loss.cross_entropy_via_log_softmax),
+        "cross-entropy": summed(kernels.softmax_cross_entropy),
+        "CE via log-partition": summed(kernels.cross_entropy_via_log_partition),
+        "CE via log_softmax": summed(kernels.cross_entropy_via_log_softmax),
         "smooth L1": smooth_l1_sum,
+        "box term": box_term,
+        "one-hot check": one_hot_check,
         "floor": floor_loss,
         "batch": SSDMultiboxLoss(n, from_logits=True),
         "per_image": SSDMultiboxLoss(n, from_logits=True, mining="per_image"),

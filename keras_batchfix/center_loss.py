@@ -104,11 +104,10 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
 
     Logging: `layer.center_loss(features, labels)` returns the unweighted
     `L_C` for the current centers (no state change). On the TensorFlow and
-    torch backends the layer also tracks a `keras.metrics.Mean` named
-    `"<layer name>_value"` (default `"center_loss_value"`): it is updated
-    with the unweighted `L_C` of each batch in `fit` and `evaluate`, and
-    shows in the logs, and beside it a `keras.metrics.Mean` named
-    `"<layer name>_relative"`: the batch's `L_C / mean_i ||x_i||^2`
+    torch backends the layer also tracks a metric (`layer.tracker`) that
+    logs two means over the samples seen: `"<layer name>_value"` (default
+    `"center_loss_value"`), the unweighted `L_C` of each batch in `fit` and
+    `evaluate`, and `"<layer name>_relative"`, the batch's `L_C / mean_i ||x_i||^2`
     (features as the loss sees them: normalized ones with `scale_free=True`,
     where it equals `L_C`), which falls when the clusters tighten relative to
     the feature scale whatever the scale does. On JAX, Keras's stateless `fit` drops metric updates
@@ -334,7 +333,9 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         centers = ops.convert_to_tensor(self.centers)
         gathered = ops.take(ops.stop_gradient(centers), labels, axis=0)
         local_sum = _half_squared_distance_sum(features, gathered, weights)
-        local_batch = ops.cast(ops.shape(features)[0], features.dtype)
+        local_batch = ops.shape(features)[0]  # a Python int where static
+        if not isinstance(local_batch, int):
+            local_batch = ops.cast(local_batch, features.dtype)
         # NaN for a batch with an invalid label (see the class docstring).
         poison = ops.cast(
             ops.where(ops.sum(valid) < local_batch, float("nan"), 0.0), local_sum.dtype
@@ -370,8 +371,8 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             local_sum = ops.stop_gradient(local_sum)
             squares = ops.sum(valid * ops.sum(ops.square(detached), axis=-1))
             self.tracker.update_state(
-                local_sum / ops.maximum(local_batch, 1.0) + poison,
-                local_sum / ops.maximum(squares, 1e-12),
+                local_sum + poison,
+                local_batch * local_sum / ops.maximum(squares, 1e-12),
                 local_batch,
             )
         return features_in
@@ -548,8 +549,9 @@ class CenterLossMetrics(keras.metrics.Metric):
         self.layer_name = name
         self.sums = self.add_variable((3,), "zeros", name="sums")
 
-    def update_state(self, value, relative, weight):
-        step = ops.stack([value * weight, relative * weight, weight])
+    def update_state(self, value_sum, relative_sum, weight):
+        """Adds a batch: the sums of its values and relative values, its weight."""
+        step = ops.stack([value_sum, relative_sum, ops.cast(weight, self.dtype)])
         self.sums.assign_add(ops.cast(step, self.dtype))
 
     def result(self):

@@ -26,7 +26,13 @@ from keras_batchfix import replicas
 
 
 def _float_count(count):
-    """`count` as a float32 scalar without gradient."""
+    """`count` as a float32 scalar without gradient.
+
+    A Python number (a static batch size, as eager torch and JAX traces
+    give) stays a Python float, so that the divisor costs no ops.
+    """
+    if isinstance(count, (int, float)) and not isinstance(count, bool):
+        return float(count)
     count = ops.stop_gradient(ops.cast(count, "float32"))
     if len(count.shape) != 0:
         raise ValueError(
@@ -39,6 +45,8 @@ def _float_count(count):
 def _checked_count(count):
     """`count` as a float32 scalar; NaN where it is negative (see `_divisor`)."""
     count = _float_count(count)
+    if isinstance(count, float):
+        return count if count >= 0.0 else float("nan")
     return ops.where(count >= 0.0, count, float("nan"))
 
 
@@ -50,6 +58,8 @@ def _divisor(total):
     (where checking the value would cost a host round-trip). (A NaN fails
     the comparison.)
     """
+    if isinstance(total, float):
+        return max(total, 1.0) if total >= 0.0 else float("nan")
     return ops.where(total >= 0.0, ops.maximum(total, 1.0), float("nan"))
 
 

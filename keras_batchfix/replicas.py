@@ -117,11 +117,18 @@ def global_sum(value):
     No gradient flows through the sum. Outside data parallelism (and on JAX,
     whose program sees the global batch) it returns `value`.
     """
-    if _simulation is not None:
-        return _simulation[1](value)
     from keras import ops
 
     dist = _torch_process_group()
+    context = None if dist is not None else _tf_replica_context()
+    if _simulation is None and dist is None and context is None:
+        return value  # one replica (Python numbers stay numbers)
+    value = keras.tree.map_structure(
+        lambda v: ops.convert_to_tensor(v, "float32") if isinstance(v, (int, float)) else v,
+        value,
+    )
+    if _simulation is not None:
+        return _simulation[1](value)
     if dist is not None:
         values = value if isinstance(value, (list, tuple)) else [value]
         totals = []
@@ -130,9 +137,6 @@ def global_sum(value):
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
             totals.append(total)
         return totals if isinstance(value, (list, tuple)) else totals[0]
-    context = _tf_replica_context()
-    if context is None:
-        return value
     value = keras.tree.map_structure(ops.stop_gradient, value)
     return context.all_reduce("SUM", value)
 
@@ -176,7 +180,8 @@ def to_keras(numerator, divisor, divisor_is_global, route):
     factor = keras_factor(route)
     if not divisor_is_global:
         factor = factor * mean_of_replicas()
-    divisor = ops.cast(divisor, numerator.dtype)
+    if not isinstance(divisor, float):  # a Python float where the count was one
+        divisor = ops.cast(divisor, numerator.dtype)
     if factor != 1.0:  # a Python float: one op less on every step otherwise
         numerator = numerator * ops.cast(factor, numerator.dtype)
     return numerator / divisor
