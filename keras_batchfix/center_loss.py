@@ -331,15 +331,14 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             )
         features = self._loss_features(features)
         centers = ops.convert_to_tensor(self.centers)
-        gathered = ops.take(ops.stop_gradient(centers), labels, axis=0)
+        gathered = kernels.take_rows(ops.stop_gradient(centers), labels)
         local_sum = _half_squared_distance_sum(features, gathered, weights)
-        local_batch = ops.shape(features)[0]  # a Python int where static
-        if not isinstance(local_batch, int):
-            local_batch = ops.cast(local_batch, features.dtype)
-        # NaN for a batch with an invalid label (see the class docstring).
-        poison = ops.cast(
-            ops.where(ops.sum(valid) < local_batch, float("nan"), 0.0), local_sum.dtype
-        )
+        local_batch = features.shape[0]  # a Python int where static
+        if local_batch is None:
+            local_batch = ops.cast(ops.shape(features)[0], features.dtype)
+        # NaN for a batch with an invalid label (see the class docstring):
+        # sqrt(valid samples - B) is 0, or the root of a negative number.
+        poison = ops.sqrt(ops.sum(valid) - local_batch)
 
         divisor = self.normalizer.divisor(local_batch)
         training = bool(training) and self.trainable
@@ -353,23 +352,24 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         ]
         detached = ops.stop_gradient(features)
         if training:
-            # (c_{y_i} - x_i) per sample; n_j over all replicas.
-            differences = ops.expand_dims(valid, -1) * (gathered - detached)
+            # n_j over all replicas; (c_{y_i} - x_i) per sample, with a factor.
             counts = replicas.global_sum(
                 kernels.segment_sum(valid, labels, self.num_classes)
             )
             if self.accumulation_steps:
-                sums = kernels.segment_sum(differences, labels, self.num_classes)
+                sums = kernels.segment_sum(
+                    valid[:, None] * (gathered - detached), labels, self.num_classes
+                )
                 self._accumulate_centers(centers, replicas.global_sum(sums), counts)
             else:
-                self._step_centers(centers, differences, labels, counts, losses)
-            self.iterations.assign_add(
-                ops.ones((), dtype=self.iterations.dtype)
-            )
+                self._step_centers(
+                    centers, gathered - detached, valid, labels, counts, losses
+                )
+            kernels.assign_add(self.iterations, 1)
         self.add_loss(losses)
         if self.tracker is not None:
             local_sum = ops.stop_gradient(local_sum)
-            squares = ops.sum(valid * ops.sum(ops.square(detached), axis=-1))
+            squares = ops.sum(valid * ops.sum(detached * detached, axis=-1))
             self.tracker.update_state(
                 local_sum + poison,
                 local_batch * local_sum / ops.maximum(squares, 1e-12),
@@ -377,16 +377,18 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             )
         return features_in
 
-    def _step_centers(self, centers, differences, labels, counts, losses):
+    def _step_centers(self, centers, differences, valid, labels, counts, losses):
         """The center step of one batch (a surrogate loss term if trainable).
 
             alpha * delta_j = sum_{i: y_i=j} (alpha / (1 + n_j)) (c_j - x_i)
 
-        each sample's difference scaled before the per-class sum (the sum
-        over all replicas), so the step costs one pass over the centers.
+        each sample's difference `c_{y_i} - x_i` scaled (0 for an invalid
+        label) before the per-class sum (the sum over all replicas), so the
+        step costs one pass over the centers.
         """
         rate = self._current_alpha() / (1.0 + counts)
-        scaled = differences * ops.expand_dims(ops.take(rate, labels, axis=0), -1)
+        factors = valid * kernels.take_rows(rate, labels)
+        scaled = factors[:, None] * differences
         step = replicas.global_sum(
             kernels.segment_sum(scaled, labels, self.num_classes)
         )
@@ -439,7 +441,7 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             self._check_label_values(ops.convert_to_tensor(labels))
         features, labels, valid = self._prepare(features, labels)
         features = self._loss_features(features)
-        gathered = ops.take(ops.convert_to_tensor(self.centers), labels, axis=0)
+        gathered = kernels.take_rows(ops.convert_to_tensor(self.centers), labels)
         total = _half_squared_distance_sum(features, gathered, valid)
         batch = ops.cast(ops.shape(features)[0], features.dtype)
         return total / ops.maximum(batch, 1.0)
@@ -485,11 +487,11 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
                 "`features` and `labels` must have the same batch size; "
                 f"received features.shape={shape}, labels.shape={label_shape}."
             )
-        integral = ops.equal(labels, ops.round(labels)) if _is_float(labels) else None
+        integral = labels == ops.round(labels) if _is_float(labels) else None
         labels = ops.cast(labels, "int32")
-        valid = ops.logical_and(labels >= 0, labels < self.num_classes)
+        valid = (labels >= 0) & (labels < self.num_classes)
         if integral is not None:
-            valid = ops.logical_and(valid, integral)
+            valid = valid & integral
         # Out-of-range labels (compiled code only) read row 0, weighted 0.
         return features, ops.where(valid, labels, 0), ops.cast(valid, dtype)
 
@@ -552,7 +554,7 @@ class CenterLossMetrics(keras.metrics.Metric):
     def update_state(self, value_sum, relative_sum, weight):
         """Adds a batch: the sums of its values and relative values, its weight."""
         step = ops.stack([value_sum, relative_sum, ops.cast(weight, self.dtype)])
-        self.sums.assign_add(ops.cast(step, self.dtype))
+        kernels.assign_add(self.sums, ops.cast(step, self.dtype))
 
     def result(self):
         means = ops.divide_no_nan(self.sums[:2], self.sums[2])
@@ -564,8 +566,8 @@ class CenterLossMetrics(keras.metrics.Metric):
 
 def _half_squared_distance_sum(features, gathered, valid):
     """1/2 sum_i ||x_i - c_{y_i}||^2 over the samples with a valid label."""
-    squared = ops.sum(ops.square(features - gathered), axis=-1)
-    return 0.5 * ops.sum(valid * squared)
+    difference = features - gathered
+    return 0.5 * ops.sum(valid * ops.sum(difference * difference, axis=-1))
 
 
 def _features_shape(input_shape):

@@ -13,8 +13,9 @@ Native paths:
   250 kernels), `torch.nn.functional.smooth_l1_loss` on the positive
   anchors only and `log_softmax`, `einsum` for a row's sum of squares,
   `index_add_` for segment sums (Keras's torch `segment_sum` broadcasts the
-  ids to the data's shape and scatters), `sub_` for a variable's in-place
-  update;
+  ids to the data's shape and scatters), `index_select` for rows by index
+  (Keras's torch `take` first remaps negative indices), `add_` and `sub_`
+  for a variable's in-place update;
 * TensorFlow: `tf.bitcast`, because Keras 3.15's TensorFlow `ops.view`
   checks the last axis in Python and fails on a dynamic one.
 """
@@ -220,11 +221,35 @@ def segment_sum_by_index_add(data, segment_ids, num_segments):
     """`segment_sum` with `torch.Tensor.index_add_` (torch backend only)."""
     import torch
 
-    data, segment_ids = ops.convert_to_tensor(data), ops.convert_to_tensor(segment_ids)
+    data, segment_ids = _torch_tensor(data), _torch_tensor(segment_ids)
     out = torch.zeros(
         (num_segments,) + tuple(data.shape[1:]), dtype=data.dtype, device=data.device
     )
     return out.index_add_(0, segment_ids.long(), data)
+
+
+def take_rows(x, indices):
+    """`ops.take(x, indices, axis=0)` for int32 `indices` in `[0, len(x))`.
+
+    Torch: `index_select` (Keras's torch `take` also maps negative indices,
+    two more kernels).
+    """
+    if _backend() == "torch":
+        return take_rows_by_index_select(x, indices)
+    return ops.take(x, indices, axis=0)
+
+
+def take_rows_by_index_select(x, indices):
+    """`take_rows` with `torch.index_select` (torch backend only)."""
+    x, indices = _torch_tensor(x), _torch_tensor(indices)
+    return x.index_select(0, indices)
+
+
+def assign_add(variable, value):
+    """`variable.assign_add(value)`; on torch in place (see `assign_sub`)."""
+    if _backend() == "torch":
+        return assign_add_in_place(variable, value)
+    variable.assign_add(value)
 
 
 def assign_sub(variable, value):
@@ -238,9 +263,27 @@ def assign_sub(variable, value):
     variable.assign_sub(value)
 
 
+def assign_add_in_place(variable, value):
+    """`assign_add` with `torch.Tensor.add_` (torch backend only)."""
+    _update_in_place(variable, value, "add_")
+
+
 def assign_sub_in_place(variable, value):
     """`assign_sub` with `torch.Tensor.sub_` (torch backend only)."""
+    _update_in_place(variable, value, "sub_")
+
+
+def _update_in_place(variable, value, method):
     import torch
 
+    if not isinstance(value, (int, float)):  # torch takes Python numbers as they are
+        value = _torch_tensor(value).to(variable.value.dtype)
     with torch.no_grad():
-        variable.value.sub_(ops.convert_to_tensor(value, dtype=variable.dtype))
+        getattr(variable.value, method)(value)
+
+
+def _torch_tensor(x):
+    """`x` as it is if a torch tensor (no `keras.ops` call), else converted."""
+    import torch
+
+    return x if isinstance(x, torch.Tensor) else ops.convert_to_tensor(x)

@@ -20,6 +20,8 @@ TORCH_FORMS = {
     "row_sum_of_squares_by_einsum",
     "segment_sum_by_index_add",
     "assign_sub_in_place",
+    "assign_add_in_place",
+    "take_rows_by_index_select",
 }
 
 
@@ -168,6 +170,28 @@ def test_assign_sub(kernel):
     variable = keras.Variable(np.arange(6, dtype="float32").reshape(2, 3))
     kernel(variable, keras.ops.ones((2, 3)))
     np.testing.assert_array_equal(_numpy(variable), np.arange(6).reshape(2, 3) - 1.0)
+
+
+@forms("assign_add", "assign_add_in_place")
+@pytest.mark.parametrize("dtype", ["float32", "int32"])
+def test_assign_add(kernel, dtype):
+    variable = keras.Variable(np.arange(6).reshape(2, 3), dtype=dtype, trainable=False)
+    kernel(variable, 2)
+    kernel(variable, keras.ops.ones((2, 3), dtype=dtype))
+    got = _numpy(variable)
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got, np.arange(6).reshape(2, 3) + 3)
+
+
+@forms("take_rows", "take_rows_by_index_select")
+@pytest.mark.parametrize("shape", [(9,), (9, 4)])
+def test_take_rows_matches_numpy(kernel, shape):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=shape).astype("float32")
+    ids = rng.integers(0, 9, 30).astype("int32")
+    ids[:2] = 0, 8  # the first and last rows
+    got = _numpy(kernel(keras.ops.array(x), keras.ops.array(ids)))
+    np.testing.assert_array_equal(got, x[ids])
 
 
 @forms("segment_sum", "segment_sum_by_index_add")
