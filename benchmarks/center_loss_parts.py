@@ -9,6 +9,9 @@ Steps timed in turn in one process (`harness.interleaved_medians`), batch
 * `forward, evaluation`: the layer's call with `training=False` (loss,
   invalid-label guard, normalizer, metric; no center step);
 * `forward, training`: the same with the center step;
+* `..., without the metric`: the same calls of a layer whose metric is
+  switched off (`layer.tracker = None`, as on JAX): what the two logged
+  values (`<name>_value`, `<name>_relative`) cost;
 * `step`: forward, training, plus the backward pass (what
   `center_loss_speed.py` times).
 
@@ -46,6 +49,9 @@ def main():
     labels_t = torch.as_tensor(labels)
     layer = CenterLoss(args.classes, alpha=0.5, loss_weight=0.01)
     layer.build([x.shape, labels.shape])
+    unlogged = CenterLoss(args.classes, alpha=0.5, loss_weight=0.01)
+    unlogged.build([x.shape, labels.shape])
+    unlogged.tracker = None
 
     class Empty(keras.layers.Layer):
         def call(self, inputs):
@@ -66,6 +72,12 @@ def main():
         "empty Keras layer": lambda: empty([features(), labels_t]),
         "forward, evaluation": lambda: layer([features(), labels_t], training=False),
         "forward, training": lambda: layer([features(), labels_t], training=True),
+        "forward, evaluation, without the metric": lambda: unlogged(
+            [features(), labels_t], training=False
+        ),
+        "forward, training, without the metric": lambda: unlogged(
+            [features(), labels_t], training=True
+        ),
         "step": step,
     }
     small = torch.ones(256)
@@ -84,7 +96,7 @@ def main():
     print(f"CenterLoss on torch, {args.classes} classes, batch {BATCH}, "
           f"{FEATURES} features, median of {args.repeats}")
     for name, seconds in medians.items():
-        print(f"{name:<32} {seconds * 1e3:8.3f} ms {seconds / reference:6.2f}x ref")
+        print(f"{name:<40} {seconds * 1e3:8.3f} ms {seconds / reference:6.2f}x ref")
     print(f"torch backend convert_to_tensor calls in one training call: {calls}")
 
 

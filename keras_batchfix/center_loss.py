@@ -553,8 +553,8 @@ class CenterLossMetrics(keras.metrics.Metric):
 
     def update_state(self, value_sum, relative_sum, weight):
         """Adds a batch: the sums of its values and relative values, its weight."""
-        step = ops.stack([value_sum, relative_sum, ops.cast(weight, self.dtype)])
-        kernels.assign_add(self.sums, ops.cast(step, self.dtype))
+        # (`assign_add` casts to the variable's dtype.)
+        kernels.assign_add(self.sums, ops.stack([value_sum, relative_sum, weight]))
 
     def result(self):
         means = ops.divide_no_nan(self.sums[:2], self.sums[2])
