@@ -332,7 +332,8 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         features = self._loss_features(features)
         centers = ops.convert_to_tensor(self.centers)
         gathered = kernels.take_rows(ops.stop_gradient(centers), labels)
-        local_sum = _half_squared_distance_sum(features, gathered, weights)
+        difference = features - gathered  # x_i - c_{y_i}
+        local_sum = _half_squared_norm_sum(difference, weights)
         local_batch = features.shape[0]  # a Python int where static
         if local_batch is None:
             local_batch = ops.cast(ops.shape(features)[0], features.dtype)
@@ -350,25 +351,26 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
                 route=replicas.ADD_LOSS,
             )
         ]
-        detached = ops.stop_gradient(features)
         if training:
-            # n_j over all replicas; (c_{y_i} - x_i) per sample, with a factor.
+            # n_j over all replicas. The steps need c_{y_i} - x_i, that is
+            # -difference: the sign goes into each sample's factor (which
+            # is 0 for an invalid label), not into another pass.
             counts = replicas.global_sum(
                 kernels.segment_sum(valid, labels, self.num_classes)
             )
+            offsets = ops.stop_gradient(difference)
             if self.accumulation_steps:
                 sums = kernels.segment_sum(
-                    valid[:, None] * (gathered - detached), labels, self.num_classes
+                    -valid[:, None] * offsets, labels, self.num_classes
                 )
                 self._accumulate_centers(centers, replicas.global_sum(sums), counts)
             else:
-                self._step_centers(
-                    centers, gathered - detached, valid, labels, counts, losses
-                )
+                self._step_centers(centers, offsets, valid, labels, counts, losses)
             kernels.assign_add(self.iterations, 1)
         self.add_loss(losses)
         if self.tracker is not None:
             local_sum = ops.stop_gradient(local_sum)
+            detached = ops.stop_gradient(features)
             squares = ops.sum(valid * ops.sum(detached * detached, axis=-1))
             self.tracker.update_state(
                 local_sum + poison,
@@ -377,18 +379,18 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             )
         return features_in
 
-    def _step_centers(self, centers, differences, valid, labels, counts, losses):
+    def _step_centers(self, centers, offsets, valid, labels, counts, losses):
         """The center step of one batch (a surrogate loss term if trainable).
 
             alpha * delta_j = sum_{i: y_i=j} (alpha / (1 + n_j)) (c_j - x_i)
 
-        each sample's difference `c_{y_i} - x_i` scaled (0 for an invalid
+        each sample's `c_{y_i} - x_i = -offsets_i` scaled (0 for an invalid
         label) before the per-class sum (the sum over all replicas), so the
         step costs one pass over the centers.
         """
         rate = self._current_alpha() / (1.0 + counts)
-        factors = valid * kernels.take_rows(rate, labels)
-        scaled = factors[:, None] * differences
+        factors = -valid * kernels.take_rows(rate, labels)
+        scaled = factors[:, None] * offsets
         step = replicas.global_sum(
             kernels.segment_sum(scaled, labels, self.num_classes)
         )
@@ -442,7 +444,7 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         features, labels, valid = self._prepare(features, labels)
         features = self._loss_features(features)
         gathered = kernels.take_rows(ops.convert_to_tensor(self.centers), labels)
-        total = _half_squared_distance_sum(features, gathered, valid)
+        total = _half_squared_norm_sum(features - gathered, valid)
         batch = ops.cast(ops.shape(features)[0], features.dtype)
         return total / ops.maximum(batch, 1.0)
 
@@ -564,10 +566,12 @@ class CenterLossMetrics(keras.metrics.Metric):
         }
 
 
-def _half_squared_distance_sum(features, gathered, valid):
-    """1/2 sum_i ||x_i - c_{y_i}||^2 over the samples with a valid label."""
-    difference = features - gathered
-    return 0.5 * ops.sum(valid * ops.sum(difference * difference, axis=-1))
+def _half_squared_norm_sum(differences, valid):
+    """1/2 sum_i ||x_i - c_{y_i}||^2 over the samples with a valid label.
+
+    `differences`: the rows `x_i - c_{y_i}`; `valid`: 1 or 0 per row.
+    """
+    return 0.5 * ops.sum(valid * ops.sum(differences * differences, axis=-1))
 
 
 def _features_shape(input_shape):
