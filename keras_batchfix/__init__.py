@@ -1,6 +1,6 @@
 """keras-batchfix: losses whose scale does not depend on how Keras batches them."""
 
-from keras_batchfix.accumulation import window_weights
+from keras_batchfix.accumulation_weights import window_weights
 from keras_batchfix.anchors import num_anchors_per_cell, ssd_anchors
 from keras_batchfix.box_matching import encode_ssd_targets, match_anchors
 from keras_batchfix.center_loss import CenterLoss

@@ -9,7 +9,28 @@ import contextlib
 
 from keras.src.backend import get_keras_mask  # noqa: F401  the mask Keras's Loss reads
 from keras.src.losses import loss as _loss_module
+from keras.src.losses.loss import apply_mask  # noqa: F401  mask into sample weights
+from keras.src.losses.loss import reduce_weighted_values  # noqa: F401  Loss.__call__'s
 from keras.src.trainers import compile_utils as _compile_utils
+
+
+def flat_compiled_losses(model, y_true, y_pred):
+    """`[(path, loss, loss_weight)]` of `model.compile(loss=...)`, resolved.
+
+    The losses Keras's `CompileLoss` made of the compiled loss (strings and
+    functions wrapped, one per output), with the path of their output.
+    """
+    compiled = model._compile_loss
+    if compiled is None:
+        return []
+    if not compiled.built:
+        compiled.build(y_true, y_pred)
+    return [(f.path, f.loss, f.loss_weights) for f in compiled._flat_losses]
+
+
+def loss_tracker(model):
+    """The `Mean` metric behind the `loss` that `fit` logs."""
+    return model._loss_tracker
 
 
 def compile_loss(loss, y_true, y_pred):

@@ -1,93 +1,482 @@
-"""Exact gradient accumulation: per-sample weights from a look-ahead over windows.
+"""Exact gradient accumulation: one update per batch of `fit`, run as micro-batches.
 
-With `gradient_accumulation_steps=k` a Keras 3 optimizer adds up the
-gradients of `k` micro-batches and applies their *mean* (sum / k,
-keras/src/optimizers/base_optimizer.py, Keras 3.12 to 3.15). A loss
-normalized by its micro-batch's count `C_m` then trains on
+Keras's `gradient_accumulation_steps=k` applies the mean of `k` micro-steps'
+gradients. A loss divided by a count of its own micro-batch (positives,
+valid tokens, samples of a short batch) then trains on the mean of
+per-micro-batch means, not on the loss of the window; learning-rate
+schedules count micro-steps, and windows run across epochs.
 
-    (1 / k) * sum over micro-batches m of (numerator_m / C_m)
+`model.compile(..., micro_batches=k)` on a `keras_batchfix.Model` (or a model
+with `keras_batchfix.NormalizerUpdates`) makes every batch of `fit` one
+optimizer step on that batch's loss, computed in `k` forward and backward
+passes over slices of it, so that only one slice's activations are held at
+a time. Every term of the loss hands over its numerator and its count;
+their gradients and counts are added up over the slices and divided once:
 
-instead of the loss of their concatenation, `sum_m numerator_m / C_W` with
-`C_W = sum_m C_m`: boxes (or tokens, or samples) of a micro-batch with a
-small count weigh more. A plain Keras mean loss has the same bug in the
-window that holds the epoch's short batch (6 and 4 samples averaged with
-equal weights).
+    grad = sum over terms g of scale_g * sum_m grad(numerator_{g,m})
+    scale_g = replica factor / divisor_g(sum_m count_{g,m})
 
-`window_weights` knows each window's count before its first micro-step:
-from per-sample counts (positives per image, tokens per sequence, 1 per
-sample for a mean) it gives every sample of micro-batch `m` of window `W`
+with `divisor_g` the term's normalizer (global over the replicas for
+Keras's own mean losses). The update is the one of a single pass over the
+whole batch, on every strategy; the optimizer counts updates, so schedules,
+momentum and Adam see the big-batch run, and a short last batch is one
+short update.
 
-    w_i = k * max(1, C_m) / max(1, C_W)
-
-Passed as `sample_weight`, it turns each micro-batch's loss
-`sum_i w_i numerator_i / max(1, C_m)` into `k * sum_i numerator_i / max(1, C_W)`,
-and Keras's mean over the `k` micro-steps into the window's loss: exact, on
-every backend, for every loss that multiplies its numerator by
-`sample_weight` and divides by a count that is the sum of per-sample counts
-(`SSDMultiboxLoss`, `compensate(..., count=...)` with `LocalCount` or, on one
-device, `GlobalCount`, Keras's `"sum_over_batch_size"` losses with counts of
-1 per sample). `CenterLoss` moves its centers itself: give it
-`accumulation_steps=k` and the weights as a third input.
+Terms that share a count and a normalizer share one backward pass; each
+further term costs one more backward pass per slice and one more
+gradient-sized buffer.
 """
 
+import keras
 import numpy as np
+from keras import ops
+
+from keras_batchfix import _keras_compat, normalizers, replicas
+from keras_batchfix.normalized_loss import NormalizedLoss, _as_values, weighted_sum
 
 
-def window_weights(counts, batch_size, steps):
-    """Per-sample weights that make `gradient_accumulation_steps` exact.
+def check_micro_batches(micro_batches):
+    """`micro_batches` as an int >= 2, or None; a named error otherwise."""
+    if micro_batches is None:
+        return None
+    if isinstance(micro_batches, bool) or not isinstance(
+        micro_batches, (int, np.integer)
+    ) or micro_batches < 2:
+        raise ValueError(
+            "Argument `micro_batches` must be an integer >= 2 (or None for no "
+            f"accumulation); received micro_batches={micro_batches!r}."
+        )
+    return int(micro_batches)
 
-        w_i = steps * max(1, C_m) / max(1, C_W)
 
-    `C_m` is the sum of `counts` over sample `i`'s micro-batch (consecutive
-    slices of `batch_size`, as `fit(..., batch_size=batch_size,
-    shuffle=False)` makes them) and `C_W` over its window of `steps`
-    micro-batches. The number of micro-batches must be a multiple of
-    `steps`: Keras's accumulation windows run on across epochs, and a window
-    straddling two epochs cannot be one batch of either.
+# ------------------------------------------------------------------ slicing
+def _batch_size(data):
+    first = next(v for v in keras.tree.flatten(data) if v is not None)
+    size = first.shape[0]
+    return size if size is not None else ops.shape(first)[0]
 
-    Args:
-        counts: per-sample counts, shape `(N,)` (NumPy-convertible, >= 0).
-        batch_size: the micro-batch size passed to `fit`.
-        steps: the optimizer's `gradient_accumulation_steps`.
 
-    Returns:
-        float32 weights of shape `(N,)`, to pass as `sample_weight` (times
-        your own sample weights, if any).
+def micro_batch_bounds(size, micro_batches):
+    """`(start, stop)` of each slice: sizes differ by at most one.
 
-    Example:
-
-    ```python
-    positives = y[..., 1:].max(-1).sum(-1)  # positive anchors per image
-    model.compile(keras.optimizers.SGD(0.1, gradient_accumulation_steps=2),
-                  keras_batchfix.SSDMultiboxLoss(21, mining="per_image"))
-    model.fit(x, y, batch_size=6, shuffle=False,
-              sample_weight=window_weights(positives, 6, steps=2))
-    ```
+    With a Python `size` (JAX, torch, a static TensorFlow shape) empty slices
+    are left out; with a tensor (a dynamic TensorFlow batch) a batch smaller
+    than `micro_batches` leaves some slices empty.
     """
-    counts = np.asarray(counts, dtype="float64")
-    if counts.ndim != 1 or (counts < 0).any() or not np.isfinite(counts).all():
+    quotient, remainder = size // micro_batches, size % micro_batches
+    starts = [
+        i * quotient + (min(i, remainder) if isinstance(size, int)
+                        else ops.minimum(i, remainder))
+        for i in range(micro_batches + 1)
+    ]
+    bounds = list(zip(starts[:-1], starts[1:]))
+    if isinstance(size, int):
+        bounds = [(start, stop) for start, stop in bounds if stop > start]
+    return bounds
+
+
+def _slice(data, start, stop):
+    return keras.tree.map_structure(
+        lambda v: None if v is None else v[start:stop], data
+    )
+
+
+# -------------------------------------------------------------------- terms
+class Term:
+    """One additive part of the loss: `numerator / divisor(count)`.
+
+    Terms with equal `key` share a count and a normalizer and are summed
+    before differentiation. `normalizer` is None for a term without a count
+    (then `is_global` says whether the replicas' values add up or average).
+    """
+
+    def __init__(self, key, numerator, count=None, normalizer=None, is_global=True):
+        self.key = key
+        self.numerator = numerator
+        self.count = count
+        self.normalizer = normalizer
+        self.is_global = normalizer.is_global if normalizer is not None else is_global
+
+
+def _normalizer_key(normalizer):
+    if normalizers.stateful(normalizer):
+        return id(normalizer)
+    return type(normalizer).__name__
+
+
+def _loss_name(loss):
+    return getattr(loss, "name", None) or repr(loss)
+
+
+def _normalized_loss_term(path, loss, y_true, y_pred, sample_weight):
+    mask = _keras_compat.get_keras_mask(y_pred)
+    y_true = ops.convert_to_tensor(y_true, dtype=loss.dtype)
+    y_pred = ops.convert_to_tensor(y_pred, dtype=loss.dtype)
+    numerator, count = loss.numerator_and_count(y_true, y_pred)
+    if count is None:
         raise ValueError(
-            "Argument `counts` must be finite counts >= 0 of shape (N,); "
-            f"received shape {counts.shape}."
+            f"Loss {_loss_name(loss)!r} normalizes itself (it has no `count`), "
+            "so its micro-batches cannot be combined into the batch's loss. "
+            "With `micro_batches`, hand the numerator and the count "
+            "separately: `keras_batchfix.compensate(numerator, count=...)`."
         )
-    for name, value in (("batch_size", batch_size), ("steps", steps)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-                or value < 1:
-            raise ValueError(
-                f"Argument `{name}` must be an integer >= 1; received "
-                f"{name}={value!r}."
+    numerator = _as_values(loss, "numerator", numerator, loss.dtype)
+    count = _as_values(loss, "count", count, "float32")
+    key = ("count", path, _normalizer_key(loss.normalizer))
+    return Term(key, weighted_sum(numerator, sample_weight, mask), count, loss.normalizer)
+
+
+def _keras_loss_term(path, loss, y_true, y_pred, sample_weight):
+    """Numerator and count of a Keras `Loss` reduced as Keras reduces it."""
+    in_mask = _keras_compat.get_keras_mask(y_pred)
+    y_true = keras.tree.map_structure(
+        lambda v: ops.convert_to_tensor(v, dtype=loss.dtype), y_true
+    )
+    y_pred = keras.tree.map_structure(
+        lambda v: ops.convert_to_tensor(v, dtype=loss.dtype), y_pred
+    )
+    values = loss.call(y_true, y_pred)
+    out_mask = _keras_compat.get_keras_mask(values)
+    mask = in_mask if out_mask is None else (
+        out_mask if in_mask is None else in_mask & out_mask
+    )
+    reduction = loss.reduction
+    if len(values.shape) == 0 and reduction != "sum":
+        raise ValueError(
+            f"Loss {_loss_name(loss)!r} returns a scalar, so its micro-batches "
+            "cannot be combined into the batch's loss. With `micro_batches`, "
+            "return per-sample values, or hand the numerator and the count "
+            "separately: `keras_batchfix.compensate(numerator, count=...)`."
+        )
+    numerator = _keras_compat.reduce_weighted_values(
+        values, sample_weight, mask, reduction="sum", dtype=loss.dtype
+    )
+    if reduction == "sum":
+        return Term(("sum",), numerator, is_global=True)
+    if reduction == "mean_with_sample_weight":
+        weights = _keras_compat.apply_mask(sample_weight, mask, loss.dtype, "sum")
+        if weights is None:
+            weights = ops.ones_like(values)
+        count = ops.sum(ops.cast(weights, "float32"))
+        return Term(("weights", path), numerator, count, normalizers.GlobalCount())
+    if reduction not in ("sum_over_batch_size", "mean"):
+        raise ValueError(
+            f"Loss {_loss_name(loss)!r} has reduction {reduction!r}; with "
+            "`micro_batches` a compiled loss must be reduced with "
+            "'sum_over_batch_size', 'mean', 'mean_with_sample_weight' or 'sum'."
+        )
+    global_count = normalizers.GlobalCount()
+    if mask is not None:  # Keras divides by the valid entries
+        count = ops.sum(ops.cast(mask, "float32"))
+        return Term(("mask", path), numerator, count, global_count)
+    # Keras divides by the number of values: the samples times a per-sample
+    # size that is the same for every slice of a batch.
+    shape = ops.shape(values)
+    per_sample = 1
+    for dim in shape[1:]:
+        per_sample = per_sample * dim
+    numerator = numerator / ops.cast(per_sample, numerator.dtype)
+    count = ops.cast(shape[0], "float32")
+    return Term(("samples", "GlobalCount"), numerator, count, global_count)
+
+
+def _leaf(path, nest):
+    """The entry of `nest` at `path` (keys and indices, as Keras's losses have)."""
+    for key in path:
+        nest = nest[key]
+    return nest
+
+
+def loss_terms(model, y, y_pred, sample_weight, layer_losses, slices):
+    """The terms of `model`'s loss on one slice.
+
+    `layer_losses` are the forward pass's `add_loss` values (weight
+    regularizers): each is a per-step value, spread evenly over the
+    `slices` of the batch.
+    """
+    terms = []
+    for path, loss, weight in _keras_compat.flat_compiled_losses(model, y, y_pred):
+        y_t = _leaf(path, y)
+        y_p = _leaf(path, y_pred)
+        sw = sample_weight
+        if sw is not None and keras.tree.is_nested(sw):
+            sw = _leaf(path, sw)
+        if isinstance(loss, NormalizedLoss):
+            term = _normalized_loss_term(path, loss, y_t, y_p, sw)
+        else:
+            term = _keras_loss_term(path, loss, y_t, y_p, sw)
+        if weight is not None:
+            term.numerator = term.numerator * weight
+        terms.append(term)
+    for value in layer_losses:
+        value = ops.cast(value, "float32") / float(slices)
+        terms.append(Term(("per step",), value, is_global=False))
+    return terms
+
+
+def combine(terms):
+    """Terms with one key summed: `{key: Term}` in order of appearance."""
+    groups = {}
+    for term in terms:
+        if term.key not in groups:
+            groups[term.key] = Term(
+                term.key, term.numerator, term.count, term.normalizer, term.is_global
             )
-    micro_batches = -(-len(counts) // batch_size)
-    if micro_batches % steps:
+            continue
+        group = groups[term.key]
+        group.numerator = group.numerator + ops.cast(term.numerator, group.numerator.dtype)
+        if term.count is not None:
+            group.count = group.count + term.count
+    return groups
+
+
+def scale(count, normalizer, is_global):
+    """What the summed gradients of a term are multiplied by at the update."""
+    one = ops.ones((), dtype="float32")
+    if normalizer is None:
+        return replicas.to_keras(one, 1.0, is_global, route=replicas.COMPILED)
+    return replicas.to_keras(
+        one, normalizer.divisor(count), normalizer.is_global, route=replicas.COMPILED
+    )
+
+
+def _check_model(model):
+    steps = getattr(model.optimizer, "gradient_accumulation_steps", None)
+    if steps:
         raise ValueError(
-            f"{len(counts)} samples in micro-batches of {batch_size} make "
-            f"{micro_batches} micro-batches, not a multiple of steps={steps}: "
-            "Keras's accumulation windows would straddle epochs. Pass a number "
-            f"of samples that makes a multiple of {steps} micro-batches."
+            "Argument `micro_batches` replaces the optimizer's "
+            f"`gradient_accumulation_steps` (received {steps}): pass one of "
+            "them. With `micro_batches=k`, `fit`'s `batch_size` is the batch of "
+            "one update, and each is run as k slices."
         )
-    batch_of = np.arange(len(counts)) // batch_size
-    window_of = batch_of // steps
-    batch_count = np.bincount(batch_of, counts)[batch_of]
-    window_count = np.bincount(window_of, counts)[window_of]
-    weights = steps * np.maximum(batch_count, 1.0) / np.maximum(window_count, 1.0)
-    return weights.astype("float32")
+
+
+# -------------------------------------------------------------- train steps
+def train_step(model, *args):
+    """`model.train_step` with `model.micro_batches` slices per batch."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return _jax_train_step(model, *args)
+    if backend == "tensorflow":
+        return _tensorflow_train_step(model, *args)
+    if backend == "torch":
+        return _torch_train_step(model, *args)
+    raise ValueError(f"`micro_batches` does not support the {backend!r} backend.")
+
+
+def _window(model, data):
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    size = _batch_size(x)
+    bounds = micro_batch_bounds(size, model.micro_batches)
+    return size, [
+        (_slice(x, a, b), _slice(y, a, b), _slice(sample_weight, a, b))
+        for a, b in bounds
+    ]
+
+
+def _update_scales(groups, counts):
+    """Each group's scale; stateful normalizers move once per update."""
+    scales = []
+    for key, group in groups.items():
+        scales.append(scale(counts[key], group.normalizer, group.is_global))
+    for group in groups.values():
+        if normalizers.stateful(group.normalizer):
+            group.normalizer.update()
+    return scales
+
+
+def _record_loss(model, groups, numerators, scales, size):
+    value = sum(
+        ops.cast(numerators[key], "float32") * s for key, s in zip(groups, scales)
+    )
+    if keras.backend.backend() == "tensorflow":
+        value = value * float(replicas.num_replicas())  # as Keras logs it
+    _keras_compat.loss_tracker(model).update_state(value, sample_weight=size)
+
+
+def _add(total, value):
+    return value if total is None else total + value
+
+
+def _tensorflow_train_step(model, data):
+    import tensorflow as tf
+
+    _check_model(model)
+    size, window = _window(model, data)
+    weights = model.trainable_weights
+    sums, numerators, counts, groups = {}, {}, {}, None
+    for x, y, sample_weight in window:
+        with tf.GradientTape(persistent=True) as tape:
+            y_pred = model(x, training=True)
+            groups = combine(loss_terms(
+                model, y, y_pred, sample_weight, model.losses, len(window)
+            ))
+            objectives = {
+                key: model.optimizer.scale_loss(group.numerator)
+                for key, group in groups.items()
+            }
+        for key, group in groups.items():
+            gradients = tape.gradient(
+                objectives[key], weights,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            sums[key] = gradients if key not in sums else [
+                _tf_add(a, b) for a, b in zip(sums[key], gradients)
+            ]
+            numerators[key] = _add(numerators.get(key), tf.stop_gradient(group.numerator))
+            if group.count is not None:
+                counts[key] = _add(counts.get(key), group.count)
+        del tape
+        model.compute_metrics(x, y, y_pred, sample_weight)
+    scales = _update_scales(groups, counts)
+    gradients = []
+    for i, weight in enumerate(weights):
+        gradient = None
+        for key, s in zip(groups, scales):
+            term = _tf_scale(sums[key][i], ops.cast(s, weight.dtype))
+            gradient = term if gradient is None else _tf_add(gradient, term)
+        gradients.append(gradient)
+    model.optimizer.apply_gradients(zip(gradients, weights))
+    _record_loss(model, groups, numerators, scales, size)
+    return model.get_metrics_result()
+
+
+def _tf_add(a, b):
+    """Sum of two gradients; sparse ones (embeddings) stay sparse, as in one pass."""
+    import tensorflow as tf
+
+    sparse = (isinstance(a, tf.IndexedSlices), isinstance(b, tf.IndexedSlices))
+    if all(sparse):
+        return tf.IndexedSlices(
+            tf.concat([a.values, b.values], 0),
+            tf.concat([a.indices, b.indices], 0),
+            a.dense_shape,
+        )
+    return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
+
+
+def _tf_scale(gradient, factor):
+    import tensorflow as tf
+
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(
+            gradient.values * factor, gradient.indices, gradient.dense_shape
+        )
+    return gradient * factor
+
+
+def _torch_train_step(model, data):
+    import torch
+
+    _check_model(model)
+    size, window = _window(model, data)
+    weights = model.trainable_weights[:]
+    parameters = [w.value for w in weights]
+    sums, numerators, counts, groups = {}, {}, {}, None
+    model.zero_grad()
+    for x, y, sample_weight in window:
+        y_pred = model(x, training=True)
+        groups = combine(loss_terms(
+            model, y, y_pred, sample_weight, model.losses, len(window)
+        ))
+        keys = list(groups)
+        for i, key in enumerate(keys):
+            objective = model.optimizer.scale_loss(groups[key].numerator)
+            gradients = torch.autograd.grad(
+                objective, parameters, retain_graph=i < len(keys) - 1,
+                allow_unused=True, materialize_grads=True,
+            )
+            sums[key] = list(gradients) if key not in sums else [
+                a.add_(b) for a, b in zip(sums[key], gradients)
+            ]
+        with torch.no_grad():
+            for key, group in groups.items():
+                numerators[key] = _add(numerators.get(key), group.numerator.detach())
+                if group.count is not None:
+                    counts[key] = _add(counts.get(key), group.count)
+            model.compute_metrics(x, y, y_pred, sample_weight)
+    with torch.no_grad():
+        scales = _update_scales(groups, counts)
+        gradients = sums[keys[0]]
+        for i, key in enumerate(keys):
+            s = scales[i]
+            if i == 0:
+                gradients = [g.mul_(s) for g in gradients]
+            else:
+                gradients = [g.add_(h * s) for g, h in zip(gradients, sums[key])]
+        model.optimizer.apply(gradients, weights)
+        _record_loss(model, groups, numerators, scales, size)
+    return model.get_metrics_result()
+
+
+def _jax_train_step(model, state, data):
+    import jax
+
+    _check_model(model)
+    trainable, non_trainable, optimizer_variables, metrics_variables = state
+    size, window = _window(model, data)
+    sums, numerators, counts, keys, groups = None, None, None, None, None
+    for x, y, sample_weight in window:
+
+        def objectives(trainable, non_trainable, x=x, y=y, sample_weight=sample_weight):
+            y_pred, non_trainable, losses = model.stateless_call(
+                trainable, non_trainable, x, return_losses=True, training=True
+            )
+            mapping = list(zip(model.trainable_variables, trainable))
+            mapping += list(zip(model.non_trainable_variables, non_trainable))
+            with keras.StatelessScope(state_mapping=mapping):
+                groups = combine(loss_terms(
+                    model, y, y_pred, sample_weight, losses, len(window)
+                ))
+            static["groups"] = groups  # keys and normalizers: Python objects
+            values = [group.numerator for group in groups.values()]
+            counts = [group.count for group in groups.values()]
+            return values, (counts, y_pred, non_trainable)
+
+        static = {}
+        values, pullback, aux = jax.vjp(
+            lambda t: objectives(t, non_trainable), trainable, has_aux=True
+        )
+        step_counts, y_pred, non_trainable = aux
+        groups = static["groups"]
+        keys = list(groups)
+        gradients = []
+        for i in range(len(values)):
+            cotangent = [jax.numpy.zeros_like(v) for v in values]
+            cotangent[i] = jax.numpy.ones_like(values[i])
+            gradients.append(pullback(cotangent)[0])
+        if sums is None:
+            sums, numerators, counts = gradients, values, step_counts
+        else:
+            sums = [jax.tree.map(jax.numpy.add, a, b) for a, b in zip(sums, gradients)]
+            numerators = [a + b for a, b in zip(numerators, values)]
+            counts = [a if b is None else a + b for a, b in zip(counts, step_counts)]
+        mapping = list(zip(model.metrics_variables, metrics_variables))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            model.compute_metrics(x, y, y_pred, sample_weight)
+        metrics_variables = _current(scope, model.metrics_variables)
+
+    mapping = list(zip(model.metrics_variables, metrics_variables))
+    mapping += list(zip(model.non_trainable_variables, non_trainable))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        scales = _update_scales(groups, dict(zip(keys, counts)))
+        _record_loss(model, groups, dict(zip(keys, numerators)), scales, size)
+        logs = model.get_metrics_result()
+    metrics_variables = _current(scope, model.metrics_variables)
+    non_trainable = _current(scope, model.non_trainable_variables)
+    gradients = [
+        sum(group[i] * s for group, s in zip(sums, scales))
+        for i in range(len(trainable))
+    ]
+    trainable, optimizer_variables = model.optimizer.stateless_apply(
+        optimizer_variables, gradients, trainable
+    )
+    return logs, (trainable, non_trainable, optimizer_variables, metrics_variables)
+
+
+def _current(scope, variables):
+    values = []
+    for variable in variables:
+        value = scope.get_current_value(variable)
+        values.append(variable.value if value is None else value)
+    return values

@@ -16,7 +16,7 @@ uses `keras_batchfix.count_weight`).
 
 import keras
 
-from keras_batchfix import normalizers
+from keras_batchfix import accumulation, normalizers
 
 
 def _layers(layer):
@@ -27,7 +27,11 @@ def _layers(layer):
 
 
 class NormalizerUpdates:
-    """Mixin for `keras.Model` subclasses that use a stateful normalizer.
+    """Mixin for `keras.Model` subclasses: stateful normalizers and micro-batches.
+
+    `compile(..., micro_batches=k)` runs every batch of `fit` as one update
+    computed in `k` slices, exact for every count-normalized loss
+    (`keras_batchfix.accumulation`).
 
     Put it before the model class: `class Detector(NormalizerUpdates,
     keras.Model)`, or `class Fixed(NormalizerUpdates, SomeKerasHubModel)`.
@@ -46,6 +50,35 @@ class NormalizerUpdates:
     model.fit(x, y)
     ```
     """
+
+    micro_batches = None
+
+    def compile(self, *args, micro_batches=None, **kwargs):
+        micro_batches = accumulation.check_micro_batches(micro_batches)
+        if micro_batches:
+            from keras_batchfix.center_loss import CenterLoss
+
+            for layer in _layers(self):
+                if isinstance(layer, CenterLoss):
+                    raise ValueError(
+                        "Argument `micro_batches` does not cover `CenterLoss` "
+                        f"layers yet (layer {layer.name!r}): use "
+                        "`CenterLoss(accumulation_steps=k)` with the optimizer's "
+                        "`gradient_accumulation_steps` and `window_weights`."
+                    )
+        super().compile(*args, **kwargs)
+        self.micro_batches = micro_batches
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config and self.micro_batches:
+            config["micro_batches"] = self.micro_batches
+        return config
+
+    def train_step(self, *args):
+        if not self.micro_batches:
+            return super().train_step(*args)
+        return accumulation.train_step(self, *args)
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
