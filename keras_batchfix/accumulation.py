@@ -177,7 +177,7 @@ def _keras_loss_term(path, loss, y_true, y_pred, sample_weight):
         per_sample = per_sample * dim
     numerator = numerator / ops.cast(per_sample, numerator.dtype)
     count = ops.cast(shape[0], "float32")
-    return Term(("samples", "GlobalCount"), numerator, count, global_count)
+    return Term(("samples", _normalizer_key(global_count)), numerator, count, global_count)
 
 
 def _leaf(path, nest):
@@ -187,12 +187,44 @@ def _leaf(path, nest):
     return nest
 
 
-def loss_terms(model, y, y_pred, sample_weight, layer_losses, slices):
-    """The terms of `model`'s loss on one slice.
+def all_layers(layer):
+    """`layer`'s layers, nested models' layers included."""
+    for sublayer in getattr(layer, "layers", ()):
+        yield sublayer
+        yield from all_layers(sublayer)
 
-    `layer_losses` are the forward pass's `add_loss` values (weight
-    regularizers): each is a per-step value, spread evenly over the
-    `slices` of the batch.
+
+def center_loss_layers(model):
+    from keras_batchfix.center_loss import CenterLoss  # it imports this module
+
+    return [layer for layer in all_layers(model) if isinstance(layer, CenterLoss)]
+
+
+def forward_terms(model, x, y, sample_weight, slices):
+    """Runs `model` on one slice; returns `(y_pred, terms of its loss)`.
+
+    A `CenterLoss` (run as slices) adds its numerator, a sum over the
+    slice's samples. Any other `add_loss` value (a regularizer) is taken as
+    a per-step value and spread evenly over the batch's `slices`.
+    """
+    y_pred = model(x, training=True)
+    terms = []
+    own = set()
+    for layer in center_loss_layers(model):
+        for value in layer.losses:
+            own.add(id(value))
+            count = ops.cast(_batch_size(x), "float32")
+            key = ("samples", _normalizer_key(layer.normalizer))
+            terms.append(Term(key, value, count, layer.normalizer))
+    others = [value for value in model.losses if id(value) not in own]
+    return y_pred, loss_terms(model, y, y_pred, sample_weight, others, slices) + terms
+
+
+def loss_terms(model, y, y_pred, sample_weight, layer_losses, slices):
+    """The terms of `model`'s compiled loss on one slice, and of `layer_losses`.
+
+    Each of `layer_losses` is taken as a per-step value (a weight
+    regularizer), spread evenly over the `slices` of the batch.
     """
     terms = []
     for path, loss, weight in _keras_compat.flat_compiled_losses(model, y, y_pred):
@@ -223,10 +255,8 @@ def combine(terms):
                 term.key, term.numerator, term.count, term.normalizer, term.is_global
             )
             continue
-        group = groups[term.key]
+        group = groups[term.key]  # one count for the key: kept as it is
         group.numerator = group.numerator + ops.cast(term.numerator, group.numerator.dtype)
-        if term.count is not None:
-            group.count = group.count + term.count
     return groups
 
 
@@ -274,14 +304,17 @@ def _window(model, data):
     ]
 
 
-def _update_scales(groups, counts):
-    """Each group's scale; stateful normalizers move once per update."""
+def _end_window(model, groups, counts):
+    """Each group's scale; stateful normalizers and center steps move once."""
     scales = []
     for key, group in groups.items():
-        scales.append(scale(counts[key], group.normalizer, group.is_global))
+        scales.append(scale(counts.get(key), group.normalizer, group.is_global))
     for group in groups.values():
         if normalizers.stateful(group.normalizer):
             group.normalizer.update()
+    for layer in center_loss_layers(model):
+        if layer.trainable:
+            layer.end_window()
     return scales
 
 
@@ -307,17 +340,15 @@ def _tensorflow_train_step(model, data):
     sums, numerators, counts, groups = {}, {}, {}, None
     for x, y, sample_weight in window:
         with tf.GradientTape(persistent=True) as tape:
-            y_pred = model(x, training=True)
-            groups = combine(loss_terms(
-                model, y, y_pred, sample_weight, model.losses, len(window)
-            ))
+            y_pred, terms = forward_terms(model, x, y, sample_weight, len(window))
+            groups = combine(terms)
             objectives = {
                 key: model.optimizer.scale_loss(group.numerator)
                 for key, group in groups.items()
             }
         for key, group in groups.items():
             gradients = tape.gradient(
-                objectives[key], weights,
+                objectives[key], [w.value for w in weights],  # tf.Variables
                 unconnected_gradients=tf.UnconnectedGradients.ZERO,
             )
             sums[key] = gradients if key not in sums else [
@@ -328,7 +359,7 @@ def _tensorflow_train_step(model, data):
                 counts[key] = _add(counts.get(key), group.count)
         del tape
         model.compute_metrics(x, y, y_pred, sample_weight)
-    scales = _update_scales(groups, counts)
+    scales = _end_window(model, groups, counts)
     gradients = []
     for i, weight in enumerate(weights):
         gradient = None
@@ -375,10 +406,8 @@ def _torch_train_step(model, data):
     sums, numerators, counts, groups = {}, {}, {}, None
     model.zero_grad()
     for x, y, sample_weight in window:
-        y_pred = model(x, training=True)
-        groups = combine(loss_terms(
-            model, y, y_pred, sample_weight, model.losses, len(window)
-        ))
+        y_pred, terms = forward_terms(model, x, y, sample_weight, len(window))
+        groups = combine(terms)
         keys = list(groups)
         for i, key in enumerate(keys):
             objective = model.optimizer.scale_loss(groups[key].numerator)
@@ -396,7 +425,7 @@ def _torch_train_step(model, data):
                     counts[key] = _add(counts.get(key), group.count)
             model.compute_metrics(x, y, y_pred, sample_weight)
     with torch.no_grad():
-        scales = _update_scales(groups, counts)
+        scales = _end_window(model, groups, counts)
         gradients = sums[keys[0]]
         for i, key in enumerate(keys):
             s = scales[i]
@@ -419,15 +448,12 @@ def _jax_train_step(model, state, data):
     for x, y, sample_weight in window:
 
         def objectives(trainable, non_trainable, x=x, y=y, sample_weight=sample_weight):
-            y_pred, non_trainable, losses = model.stateless_call(
-                trainable, non_trainable, x, return_losses=True, training=True
-            )
             mapping = list(zip(model.trainable_variables, trainable))
             mapping += list(zip(model.non_trainable_variables, non_trainable))
-            with keras.StatelessScope(state_mapping=mapping):
-                groups = combine(loss_terms(
-                    model, y, y_pred, sample_weight, losses, len(window)
-                ))
+            with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+                y_pred, terms = forward_terms(model, x, y, sample_weight, len(window))
+                groups = combine(terms)
+            non_trainable = _current(scope, model.non_trainable_variables)
             static["groups"] = groups  # keys and normalizers: Python objects
             values = [group.numerator for group in groups.values()]
             counts = [group.count for group in groups.values()]
@@ -459,7 +485,7 @@ def _jax_train_step(model, state, data):
     mapping = list(zip(model.metrics_variables, metrics_variables))
     mapping += list(zip(model.non_trainable_variables, non_trainable))
     with keras.StatelessScope(state_mapping=mapping) as scope:
-        scales = _update_scales(groups, dict(zip(keys, counts)))
+        scales = _end_window(model, groups, dict(zip(keys, counts)))
         _record_loss(model, groups, dict(zip(keys, numerators)), scales, size)
         logs = model.get_metrics_result()
     metrics_variables = _current(scope, model.metrics_variables)

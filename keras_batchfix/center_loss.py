@@ -142,16 +142,6 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         normalizer: how the batch size becomes the divisor of `L_C`;
             default `keras_batchfix.GlobalCount()` (the global batch).
             `LocalCount()` averages the replicas' means instead.
-        accumulation_steps: the optimizer's `gradient_accumulation_steps`
-            `k`, or None (default). Then the centers move once per window
-            of `k` training steps, by the rule above with the sums and
-            counts `n_j` of the whole window and the centers of its first
-            step, as for one batch of the window's concatenation. Call the
-            layer with `[features, labels, weights]`, `weights` from
-            `keras_batchfix.window_weights(ones, batch_size, k)`: they scale
-            each sample's term of `L_C` (not the center step) so that the
-            window's loss is its concatenation's. Not with
-            `centers_trainable=True`.
         scale_free: compute `L_C` and the center rule on the L2-normalized
             features `x_i / ||x_i||` (see above). Default False (the report's
             unnormalized loss).
@@ -186,7 +176,6 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         feat_dim=None,
         centers_trainable=False,
         normalizer=None,
-        accumulation_steps=None,
         scale_free=False,
         **kwargs,
     ):
@@ -234,21 +223,10 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         )
         self.scale_free = bool(scale_free)
         self.supports_masking = False
-        if accumulation_steps is not None and (
-            isinstance(accumulation_steps, bool)
-            or int(accumulation_steps) != accumulation_steps
-            or accumulation_steps < 2
-            or centers_trainable
-        ):
-            raise ValueError(
-                "Argument `accumulation_steps` must be None or an integer >= 2 "
-                "with centers_trainable=False; received "
-                f"accumulation_steps={accumulation_steps!r}, "
-                f"centers_trainable={centers_trainable!r}."
-            )
-        self.accumulation_steps = (
-            None if accumulation_steps is None else int(accumulation_steps)
-        )
+        # Set by a `keras_batchfix.Model` compiled with `micro_batches`: the
+        # layer then adds its numerator and sums the center step's terms
+        # over the batch's slices until the model calls `end_window()`.
+        self.micro_batches = None
         if keras.backend.backend() != "jax":
             self.tracker = CenterLossMetrics(self.name)
         else:
@@ -289,8 +267,8 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             aggregation="only_first_replica",
             name="iterations",
         )
-        if self.accumulation_steps:
-            # sum_{i: y_i=j} (c_j - x_i) and n_j of the window's past steps.
+        if not self.centers_trainable:
+            # sum_{i: y_i=j} (c_j - x_i) and n_j of a batch's slices so far.
             self.window_sums = self.add_weight(
                 shape=(self.num_classes, self.feat_dim), initializer="zeros",
                 trainable=False, aggregation="only_first_replica",
@@ -314,26 +292,18 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
     def call(self, inputs, training=None):
         if not isinstance(inputs, (list, tuple)):
             return inputs  # no labels: identity
-        wanted = 3 if self.accumulation_steps else 2
-        if len(inputs) != wanted:
+        if len(inputs) != 2:
             raise ValueError(
                 "`CenterLoss` expects `[features, labels]` (or features "
-                "alone), and `[features, labels, weights]` with "
-                f"accumulation_steps={self.accumulation_steps}; received a "
-                f"sequence of {len(inputs)} tensors."
+                f"alone); received a sequence of {len(inputs)} tensors."
             )
-        features_in, labels = inputs[:2]
+        features_in, labels = inputs
         features, labels, valid = self._prepare(features_in, labels)
-        weights = valid
-        if self.accumulation_steps:
-            weights = valid * ops.reshape(
-                ops.cast(inputs[2], valid.dtype), ops.shape(valid)
-            )
         features = self._loss_features(features)
         centers = ops.convert_to_tensor(self.centers)
         gathered = kernels.take_rows(ops.stop_gradient(centers), labels)
         difference = features - gathered  # x_i - c_{y_i}
-        local_sum = _half_squared_norm_sum(difference, weights)
+        local_sum = _half_squared_norm_sum(difference, valid)
         local_batch = features.shape[0]  # a Python int where static
         if local_batch is None:
             local_batch = ops.cast(ops.shape(features)[0], features.dtype)
@@ -341,16 +311,20 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         # sqrt(valid samples - B) is 0, or the root of a negative number.
         poison = ops.sqrt(ops.sum(valid) - local_batch)
 
-        divisor = self.normalizer.divisor(local_batch)
         training = bool(training) and self.trainable
-        losses = [
-            replicas.to_keras(
-                self.loss_weight * local_sum + poison,
-                divisor,
-                self.normalizer.is_global,
-                route=replicas.ADD_LOSS,
-            )
-        ]
+        numerator = self.loss_weight * local_sum + poison
+        in_slices = training and self.micro_batches is not None
+        if in_slices:  # the model divides the batch's sum once
+            losses = [numerator]
+        else:
+            losses = [
+                replicas.to_keras(
+                    numerator,
+                    self.normalizer.divisor(local_batch),
+                    self.normalizer.is_global,
+                    route=replicas.ADD_LOSS,
+                )
+            ]
         if training:
             # n_j over all replicas. The steps need c_{y_i} - x_i, that is
             # -difference: the sign goes into each sample's factor (which
@@ -359,14 +333,15 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
                 kernels.segment_sum(valid, labels, self.num_classes)
             )
             offsets = ops.stop_gradient(difference)
-            if self.accumulation_steps:
+            if in_slices:
                 sums = kernels.segment_sum(
                     -valid[:, None] * offsets, labels, self.num_classes
                 )
-                self._accumulate_centers(centers, replicas.global_sum(sums), counts)
+                kernels.assign_add(self.window_sums, replicas.global_sum(sums))
+                kernels.assign_add(self.window_counts, counts)
             else:
                 self._step_centers(centers, offsets, valid, labels, counts, losses)
-            kernels.assign_add(self.iterations, 1)
+                kernels.assign_add(self.iterations, 1)
         self.add_loss(losses)
         if self.tracker is not None:
             local_sum = ops.stop_gradient(local_sum)
@@ -412,24 +387,24 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         squares = ops.sum(ops.square(features), axis=-1, keepdims=True)
         return features * ops.rsqrt(ops.maximum(squares, 1e-12))
 
-    def _accumulate_centers(self, centers, sums, counts):
-        """Adds a step's sums to its window's; steps the centers at its end.
+    def end_window(self):
+        """Steps the centers once for a batch run in slices, and resets the sums.
 
-            c_j <- c_j - alpha * S_j / (1 + N_j)    (last step of a window)
+            c_j <- c_j - alpha * S_j / (1 + N_j)
 
-        with `S_j`, `N_j` the window's sums and counts: the centers stay as
-        they were for the window's earlier steps.
+        with `S_j = sum_{i: y_i=j} (c_j - x_i)` and `N_j` summed over the
+        slices (and the replicas): the step of one pass over the batch. A
+        `keras_batchfix.Model` compiled with `micro_batches` calls it.
         """
-        sums = sums + ops.convert_to_tensor(self.window_sums)
-        counts = counts + ops.convert_to_tensor(self.window_counts)
-        end = ops.equal(
-            (ops.convert_to_tensor(self.iterations) + 1) % self.accumulation_steps, 0
-        )
+        sums = ops.convert_to_tensor(self.window_sums)
+        counts = ops.convert_to_tensor(self.window_counts)
         delta = sums / ops.expand_dims(1.0 + counts, -1)
-        stepped = ops.stop_gradient(centers) - self._current_alpha() * delta
-        self.centers.assign(ops.where(end, stepped, ops.stop_gradient(centers)))
-        self.window_sums.assign(ops.where(end, ops.zeros_like(sums), sums))
-        self.window_counts.assign(ops.where(end, ops.zeros_like(counts), counts))
+        self.centers.assign(
+            ops.convert_to_tensor(self.centers) - self._current_alpha() * delta
+        )
+        self.window_sums.assign(ops.zeros_like(sums))
+        self.window_counts.assign(ops.zeros_like(counts))
+        kernels.assign_add(self.iterations, 1)
 
     def center_loss(self, features, labels):
         """Unweighted `L_C` of a batch for the current centers (a scalar).
@@ -451,7 +426,7 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
     def _current_alpha(self):
         schedule_type = keras.optimizers.schedules.LearningRateSchedule
         if isinstance(self.alpha, schedule_type):
-            step = self.iterations // (self.accumulation_steps or 1)  # windows
+            step = self.iterations
             return ops.cast(self.alpha(step), self.centers.dtype)
         return self.alpha
 
@@ -534,7 +509,6 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             feat_dim=self.feat_dim,
             centers_trainable=self.centers_trainable,
             normalizer=keras.saving.serialize_keras_object(self.normalizer),
-            accumulation_steps=self.accumulation_steps,
             scale_free=self.scale_free,
         )
         return config

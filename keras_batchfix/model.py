@@ -19,13 +19,6 @@ import keras
 from keras_batchfix import accumulation, normalizers
 
 
-def _layers(layer):
-    """`layer`'s layers, nested models' layers included."""
-    for sublayer in getattr(layer, "layers", ()):
-        yield sublayer
-        yield from _layers(sublayer)
-
-
 class NormalizerUpdates:
     """Mixin for `keras.Model` subclasses: stateful normalizers and micro-batches.
 
@@ -55,19 +48,19 @@ class NormalizerUpdates:
 
     def compile(self, *args, micro_batches=None, **kwargs):
         micro_batches = accumulation.check_micro_batches(micro_batches)
-        if micro_batches:
-            from keras_batchfix.center_loss import CenterLoss
-
-            for layer in _layers(self):
-                if isinstance(layer, CenterLoss):
-                    raise ValueError(
-                        "Argument `micro_batches` does not cover `CenterLoss` "
-                        f"layers yet (layer {layer.name!r}): use "
-                        "`CenterLoss(accumulation_steps=k)` with the optimizer's "
-                        "`gradient_accumulation_steps` and `window_weights`."
-                    )
+        layers = accumulation.center_loss_layers(self)
+        for layer in layers if micro_batches else ():
+            if layer.centers_trainable:
+                raise ValueError(
+                    "Argument `micro_batches` needs the center step of "
+                    f"`CenterLoss` layer {layer.name!r}; it has "
+                    "centers_trainable=True (the optimizer would average "
+                    "per-slice steps). Use centers_trainable=False."
+                )
         super().compile(*args, **kwargs)
         self.micro_batches = micro_batches
+        for layer in layers:
+            layer.micro_batches = micro_batches
 
     def get_compile_config(self):
         config = super().get_compile_config()
@@ -99,7 +92,10 @@ class NormalizerUpdates:
         losses = keras.tree.flatten(getattr(self, "loss", None) or [])
         candidates = [getattr(self, "normalizer", None)]  # a model's own
         candidates += [getattr(loss, "normalizer", None) for loss in losses]
-        candidates += [getattr(layer, "normalizer", None) for layer in _layers(self)]
+        candidates += [
+            getattr(layer, "normalizer", None)
+            for layer in accumulation.all_layers(self)
+        ]
         for normalizer in candidates:
             if normalizers.stateful(normalizer) and not any(
                 normalizer is other for other in found

@@ -131,7 +131,20 @@ def cell_data(cell, even=False):
 
 
 # --------------------------------------------------------------------- model
-def build_cell(cell, strategy=None):
+OPTIMIZERS = {
+    "sgd": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+    # Decayed once, in the second of 3 epochs (5 updates an epoch).
+    "sgd schedule": lambda: keras.optimizers.SGD(
+        keras.optimizers.schedules.PiecewiseConstantDecay([7], [0.05, 0.005]),
+        momentum=0.9,
+    ),
+    "adam schedule": lambda: keras.optimizers.Adam(
+        keras.optimizers.schedules.PiecewiseConstantDecay([7], [0.01, 0.001])
+    ),
+}
+
+
+def build_cell(cell, strategy=None, optimizer="sgd", micro_batches=None):
     """The compiled model of `cell`; deterministic initial weights."""
     heads = [piece for piece in cell if piece in HEAD_LOSSES]
     rng = np.random.default_rng(1234)
@@ -169,21 +182,28 @@ def build_cell(cell, strategy=None):
             for name, head in zip(("boxes", "aux"), heads)
         }
         model.compile(
-            optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
-            loss=losses or None,
+            optimizer=OPTIMIZERS[optimizer](), loss=losses or None,
+            micro_batches=micro_batches,
         )
     return model
 
 
-def fit_cell(cell, strategy=None, even=False):
-    """Trains `cell`'s model; returns its weights (NumPy), centers included."""
+def fit_cell(cell, strategy=None, even=False, optimizer="sgd",
+             micro_batches=None, shuffle=False, epochs=EPOCHS):
+    """Trains `cell`'s model; returns its weights (NumPy), centers included.
+
+    `shuffle=True` shuffles with a fixed seed: every run sees the same
+    batches.
+    """
     x, labels, y_boxes, y_aux = cell_data(cell, even)
-    model = build_cell(cell, strategy)
+    model = build_cell(cell, strategy, optimizer, micro_batches)
     heads = [piece for piece in cell if piece in HEAD_LOSSES]
     y = dict(zip(("boxes", "aux"), (y_boxes, y_aux)[: len(heads)])) or None
+    if shuffle:
+        keras.utils.set_random_seed(0)
     model.fit(
-        cell_inputs(cell, x, labels), y, batch_size=BATCH, epochs=EPOCHS,
-        shuffle=False, verbose=0,
+        cell_inputs(cell, x, labels), y, batch_size=BATCH, epochs=epochs,
+        shuffle=shuffle, verbose=0,
     )
     return [np.asarray(ops.convert_to_numpy(w)) for w in model.weights]
 
