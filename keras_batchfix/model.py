@@ -68,6 +68,11 @@ class NormalizerUpdates:
             config["micro_batches"] = self.micro_batches
         return config
 
+    def compile_from_config(self, config):
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built and getattr(self, "optimizer", None) is not None:
+            self.optimizer.build(self.trainable_variables)  # its variables
+
     def train_step(self, *args):
         if not self.micro_batches:
             return super().train_step(*args)

@@ -107,6 +107,20 @@ def cell_id(cell):
     return " + ".join(cell)
 
 
+# Accumulation: `micro_batches=4` against one pass over each batch of 8, both
+# shuffled with one seed, Adam with a schedule that decays once, 3 epochs.
+# The last batch of 37 samples is 5 (slices of 2, 1, 1, 1).
+BIG_BATCH = dict(optimizer="adam schedule", shuffle=True, epochs=3)
+MICRO_BATCHES = dict(BIG_BATCH, micro_batches=4)
+# The cells the multi-process tests also run in slices (a count-normalized
+# loss with each normalizer, CenterLoss, a Keras mean loss).
+ACCUMULATION_CELLS = (
+    ("ssd GlobalCount", "center"),
+    ("ssd EMACount", "keras mse"),
+    ("compensate per-element",),
+)
+
+
 # ---------------------------------------------------------------------- data
 def cell_data(cell, even=False):
     """`(x, labels, y_boxes, y_aux)` for the cell, NumPy, seeded by the cell."""

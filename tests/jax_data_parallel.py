@@ -4,7 +4,9 @@ Run as `python -m tests.jax_data_parallel` (tests/test_normalizers.py does):
 the two host devices must be configured before JAX starts, hence a process of
 its own. Under `DataParallel` the loss sees the global batch (one program
 over the sharded batch), so every cell of the composition matrix
-(tests/composition.py), self-normalized or not, must equal one device. Every
+(tests/composition.py), self-normalized or not, must equal one device, and
+the accumulation cells in 4 slices (`micro_batches=4`) must equal one pass
+over each batch on one device. Every
 cell trains on 36 samples in batches of 8, the short last batch of 4 split
 2 / 2: a batch of odd size cannot be split (Keras's `distribute_data_input`
 raises JAX's `IndivisibleError`, keras/src/backend/jax/distribution_lib.py).
@@ -21,7 +23,16 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from tests.composition import CELLS, cell_id, fit_cell, initial_weights, max_gap  # noqa: E402
+from tests.composition import (  # noqa: E402
+    ACCUMULATION_CELLS,
+    BIG_BATCH,
+    CELLS,
+    MICRO_BATCHES,
+    cell_id,
+    fit_cell,
+    initial_weights,
+    max_gap,
+)
 from tests.test_center_loss import (  # noqa: E402
     CENTER_LOSS_HYPERPARAMETERS,
     center_loss_problem,
@@ -34,6 +45,10 @@ CENTER_LOSS_SIZES = (16, 14)  # 14: the last batch of 6 splits 3 / 3
 
 def main():
     single = {cell_id(cell): fit_cell(cell, even=True) for cell in CELLS}
+    big_batch = {
+        cell_id(cell): fit_cell(cell, even=True, **BIG_BATCH)
+        for cell in ACCUMULATION_CELLS
+    }
     devices = keras.distribution.list_devices("cpu")
     assert len(devices) == 2, devices
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
@@ -43,6 +58,14 @@ def main():
         gaps[name] = {
             "max_abs_gap": max_gap(fit_cell(cell, even=True), single[name]),
             "max_abs_change": max_gap(single[name], initial_weights(cell)),
+        }
+    for cell in ACCUMULATION_CELLS:  # 4 slices of each batch, on 2 devices
+        name = cell_id(cell)
+        gaps["micro-batches: " + name] = {
+            "max_abs_gap": max_gap(
+                fit_cell(cell, even=True, **MICRO_BATCHES), big_batch[name]
+            ),
+            "max_abs_change": max_gap(big_batch[name], initial_weights(cell)),
         }
     for n in CENTER_LOSS_SIZES:
         x, y, w, c = center_loss_problem(n)

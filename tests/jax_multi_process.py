@@ -44,7 +44,16 @@ def main(argv):
     import keras
     from keras import ops
 
-    from tests.composition import BATCH, EPOCHS, HEAD_LOSSES, build_cell, cell_data, cell_id, cell_inputs
+    from tests.composition import (
+        ACCUMULATION_CELLS,
+        BATCH,
+        EPOCHS,
+        HEAD_LOSSES,
+        build_cell,
+        cell_data,
+        cell_id,
+        cell_inputs,
+    )
     from tests.torch_ddp import shard
 
     keras.utils.set_random_seed(0)
@@ -55,16 +64,24 @@ def main(argv):
         distribution.auto_shard_dataset = False  # each process feeds its shard
         keras.distribution.set_distribution(distribution)
     weights = {}
-    for cell in CELLS:
+    # Each cell as it is, and the accumulation cells in 4 slices of each
+    # global batch (one pass on the reference's one device).
+    runs = [(cell, cell_id(cell), {}, EPOCHS) for cell in CELLS] + [
+        (cell, "micro-batches: " + cell_id(cell),
+         dict(optimizer="adam schedule",
+              micro_batches=4 if processes > 1 else None), 3)
+        for cell in ACCUMULATION_CELLS
+    ]
+    for cell, name, options, epochs in runs:
         x, labels, y_boxes, y_aux = (
             shard(a, rank, processes) for a in cell_data(cell, even=True)
         )
-        model = build_cell(cell)
+        model = build_cell(cell, **options)
         heads = [piece for piece in cell if piece in HEAD_LOSSES]
         y = dict(zip(("boxes", "aux"), (y_boxes, y_aux)[: len(heads)])) or None
         model.fit(cell_inputs(cell, x, labels), y, batch_size=BATCH // processes,
-                  epochs=EPOCHS, shuffle=False, verbose=0)
-        weights[cell_id(cell)] = [
+                  epochs=epochs, shuffle=False, verbose=0)
+        weights[name] = [
             np.asarray(ops.convert_to_numpy(w)).tolist() for w in model.weights
         ]
     print("RESULT " + json.dumps(weights), flush=True)

@@ -5,8 +5,9 @@ tests/test_multi_worker.py starts two of these as
 and compares what they print with single-device training. Each worker has
 one CPU device, so there are 2 replicas; a global batch is split between the
 workers (worker 0 takes the first half; of an odd batch, the larger half).
-It trains every cell of the composition matrix (tests/composition.py) and
-the `CenterLoss` problems of tests/test_center_loss.py.
+It trains every cell of the composition matrix (tests/composition.py), the
+accumulation cells with `micro_batches` and the `CenterLoss` problems of
+tests/test_center_loss.py.
 """
 
 import json
@@ -15,7 +16,7 @@ import numpy as np
 from keras import ops
 
 from keras_batchfix.multi_worker import MultiWorkerMirroredStrategy
-from tests.composition import CELLS, cell_id, fit_cell
+from tests.composition import ACCUMULATION_CELLS, CELLS, MICRO_BATCHES, cell_id, fit_cell
 from tests.test_center_loss import CENTER_LOSS_HYPERPARAMETERS, center_loss_problem
 from tests.training import fit_center_loss
 
@@ -26,6 +27,10 @@ def main():
     strategy = MultiWorkerMirroredStrategy()  # before any other TensorFlow work
     assert strategy.num_replicas_in_sync == 2, strategy.num_replicas_in_sync
     weights = {cell_id(cell): fit_cell(cell, strategy) for cell in CELLS}
+    for cell in ACCUMULATION_CELLS:
+        weights["micro-batches: " + cell_id(cell)] = fit_cell(
+            cell, strategy, **MICRO_BATCHES
+        )
     for n in CENTER_LOSS_SIZES:
         dense, layer, _ = fit_center_loss(
             *center_loss_problem(n), **CENTER_LOSS_HYPERPARAMETERS, strategy=strategy

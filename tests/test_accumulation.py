@@ -1,136 +1,279 @@
-"""Exact gradient accumulation with `keras_batchfix.window_weights`.
+"""Exact gradient accumulation: `compile(micro_batches=k)` equals one pass per batch.
 
-`SGD(0.1, gradient_accumulation_steps=2)` on micro-batches of 6 must train
-as plain steps on batches of 12 (34 samples: windows of 6 + 6, 6 + 6 and
-the short 6 + 4 against batches of 12, 12 and 10). Naively (no weights) a
-count-normalized loss misses by more than 1e-4; with `window_weights` as
-`sample_weight` every loss lands within 1e-5, and so does `CenterLoss`
-with `accumulation_steps=2` and the weights as its third input. Runs on
-the current backend.
+The property: a model compiled with `micro_batches=4` ends within 1e-5 of the
+same model taking one pass over each batch, after 3 epochs of shuffled
+batches of 8 (one seed; 37 samples, so the last batch of 5 runs as slices of
+2, 1, 1, 1), with momentum SGD and with Adam, each with a learning-rate
+schedule that decays once. Every cell of the composition matrix
+(tests/composition.py: each piece alone and in pairs in one model) on the
+current backend, under `MirroredStrategy`, and a token language model whose
+loss is a mean over its valid tokens. Keras's own
+`gradient_accumulation_steps` misses the same runs by far more. The
+multi-process strategies run the accumulation cells in
+tests/test_multi_worker.py, tests/test_torch_ddp.py,
+tests/test_jax_multi_process.py and (JAX `DataParallel`)
+tests/test_normalizers.py.
 """
+
+import functools
 
 import keras
 import numpy as np
 import pytest
 from keras import ops
 
-from keras_batchfix import CenterLoss, GlobalCount, compensate, window_weights
+import keras_batchfix
+from keras_batchfix import CenterLoss, compensate
 from tests.composition import (
-    ANCHORS,
-    FEATURES,
-    NUM_CLASSES,
-    box_errors_per_sample,
-    cell_data,
+    BIG_BATCH,
+    CELLS,
+    MICRO_BATCHES,
+    build_cell,
+    cell_id,
+    fit_cell,
+    initial_weights,
     max_gap,
-    positive_count,
-    ssd,
 )
 
-SAMPLES, MICRO, STEPS, EPOCHS = 34, 6, 2, 2
-LOSSES = {
-    "ssd GlobalCount": lambda: ssd(GlobalCount()),
-    "compensate per-sample": lambda: compensate(
-        box_errors_per_sample, count=positive_count, normalizer=GlobalCount()
-    ),
-    "keras mse": lambda: keras.losses.MeanSquaredError(),
-}
+TOLERANCE = 1e-5
+# Each piece alone (a self-normalized loss has no count to sum: an error,
+# tested below) and the pairs that put two counts or two normalizers in one
+# model.
+SLICED_CELLS = [cell for cell in CELLS if len(cell) == 1 and cell != ("compensate no count",)] + [
+    ("ssd GlobalCount", "center"),
+    ("keras mse", "center"),
+    ("ssd GlobalCount", "compensate per-element"),
+    ("ssd EMACount", "keras mse"),
+]
+SGD_CELLS = [("ssd EMACount",), ("compensate per-element",), ("keras mse", "center")]
 
 
-def problem():
-    x, _, y, _ = cell_data(("accumulation",))
-    return x[:SAMPLES], y[:SAMPLES]
-
-
-def per_sample_counts(name, y):
-    if name == "keras mse":
-        return np.ones(len(y))
-    return y[..., 1:NUM_CLASSES].max(-1).sum(-1)  # positive anchors per image
-
-
-def fit(name, batch_size, steps=None, sample_weight=None):
-    x, y = problem()
-    rng = np.random.default_rng(7)
-    inputs = keras.Input((ANCHORS, FEATURES))
-    dense = keras.layers.Dense(NUM_CLASSES + 4)
-    model = keras.Model(inputs, dense(inputs))
-    dense.set_weights([
-        rng.normal(scale=0.4, size=w.shape).astype("float32")
-        for w in dense.get_weights()
-    ])
-    model.compile(
-        keras.optimizers.SGD(0.1, gradient_accumulation_steps=steps),
-        LOSSES[name](),
-    )
-    model.fit(x, y, batch_size=batch_size, epochs=EPOCHS, shuffle=False,
-              verbose=0, sample_weight=sample_weight)
+def weights_of(model):
     return [np.asarray(ops.convert_to_numpy(w)) for w in model.weights]
 
 
-@pytest.mark.parametrize("name", LOSSES)
-def test_window_weights_make_accumulation_exact(name):
-    one_batch = fit(name, MICRO * STEPS)
-    naive = fit(name, MICRO, STEPS)
-    _, y = problem()
-    weights = window_weights(per_sample_counts(name, y), MICRO, STEPS)
-    if name == "keras mse":  # Keras broadcasts weights from the last axis
-        weights = weights[:, None]
-    exact = fit(name, MICRO, STEPS, sample_weight=weights)
-    assert max_gap(naive, one_batch) > 1e-4
-    assert max_gap(exact, one_batch) < 1e-5
+@functools.lru_cache(maxsize=None)
+def one_pass(cell, optimizer):
+    """The reference: one device, one pass over each batch (computed once)."""
+    return fit_cell(cell, **dict(BIG_BATCH, optimizer=optimizer))
 
 
+# ----------------------------------------------------------- composition
+@pytest.mark.parametrize("cell", SLICED_CELLS, ids=cell_id)
+def test_micro_batches_equal_one_pass_adam(cell):
+    big = one_pass(cell, "adam schedule")
+    assert max_gap(big, initial_weights(cell)) > 1e-2  # it trained
+    assert max_gap(fit_cell(cell, **MICRO_BATCHES), big) < TOLERANCE
 
-def test_window_weights_formula():
-    # micro-batches (1, 3), (0, 0) in one window of count 4; (2, 2), (1,) in
-    # one of count 5.
-    weights = window_weights([1, 3, 0, 0, 2, 2, 1], batch_size=2, steps=2)
+
+@pytest.mark.parametrize("cell", SGD_CELLS, ids=cell_id)
+def test_micro_batches_equal_one_pass_sgd(cell):
+    options = dict(MICRO_BATCHES, optimizer="sgd schedule")
+    assert max_gap(fit_cell(cell, **options), one_pass(cell, "sgd schedule")) < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "cell", [("ssd GlobalCount", "center"), ("ssd EMACount", "keras mse")],
+    ids=cell_id,
+)
+def test_mirrored_micro_batches_equal_one_device(cell, mirrored_strategy):
+    mirrored = fit_cell(cell, strategy=mirrored_strategy, **MICRO_BATCHES)
+    assert max_gap(mirrored, one_pass(cell, "adam schedule")) < TOLERANCE
+
+
+def test_keras_accumulation_is_not_one_pass():
+    """What `micro_batches` fixes: Keras averages the slices' own means."""
+    cell = ("ssd GlobalCount",)
+    big = fit_cell(cell, optimizer="adam schedule", epochs=3)  # not shuffled
+    model = build_cell(cell)
+    model.compile(
+        optimizer=keras.optimizers.Adam(
+            keras.optimizers.schedules.PiecewiseConstantDecay([7], [0.01, 0.001]),
+            gradient_accumulation_steps=4,
+        ),
+        loss=model.loss,
+    )
+    from tests.composition import cell_data
+
+    x, _, y, _ = cell_data(cell)
+    model.fit({"x": x}, {"boxes": y}, batch_size=2, epochs=3, shuffle=False, verbose=0)
+    assert max_gap(weights_of(model), big) > 1e-3
+
+
+# ------------------------------------------------------ a token language model
+VOCAB, LENGTH, SEQUENCES = 50, 12, 124
+
+
+def token_data():
+    """Sequences of lengths 3..12 padded with 0; the targets are the next token."""
+    rng = np.random.default_rng(0)
+    x = np.zeros((SEQUENCES, LENGTH), "int32")
+    for row, length in enumerate(rng.integers(3, LENGTH + 1, SEQUENCES)):
+        x[row, :length] = rng.integers(1, VOCAB, length)
+    y = np.roll(x, -1, axis=1)
+    y[:, -1] = 0
+    return x, y
+
+
+def token_sum(y_true, y_pred):
+    """Cross-entropy summed over the valid (non-padding) target tokens."""
+    valid = ops.cast(y_true > 0, "float32")
+    ce = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+    return ops.sum(ce * valid, axis=-1)
+
+
+def valid_tokens(y_true, y_pred):
+    return ops.sum(ops.cast(y_true > 0, "float32"))
+
+
+TOKEN_LOSSES = {
+    # Keras's own: the mask of Embedding(mask_zero=True) makes the mean one
+    # over valid tokens.
+    "masked keras": lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    "compensate": lambda: compensate(
+        token_sum, count=valid_tokens, normalizer=keras_batchfix.GlobalCount()
+    ),
+}
+
+
+def fit_tokens(loss, optimizer, batch_size=32, micro_batches=None, steps=None):
+    x, y = token_data()
+    keras.utils.set_random_seed(1)
+    tokens = keras.Input((LENGTH,), dtype="int32")
+    hidden = keras.layers.Embedding(VOCAB, 16, mask_zero=loss == "masked keras")(tokens)
+    model = keras_batchfix.Model(tokens, keras.layers.Dense(VOCAB)(hidden))
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        [5], [0.5, 0.05] if optimizer == "sgd" else [0.01, 0.001]
+    )
+    kwargs = {"gradient_accumulation_steps": steps} if steps else {}
+    model.compile(
+        optimizer=(keras.optimizers.SGD(schedule, momentum=0.9, **kwargs)
+                   if optimizer == "sgd" else keras.optimizers.Adam(schedule, **kwargs)),
+        loss=TOKEN_LOSSES[loss](), micro_batches=micro_batches,
+    )
+    keras.utils.set_random_seed(3)
+    history = model.fit(x, y, batch_size=batch_size, epochs=3, verbose=0)
+    return weights_of(model), history.history["loss"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("loss", TOKEN_LOSSES)
+def test_token_model_micro_batches_equal_one_pass(loss, optimizer):
+    big, big_losses = fit_tokens(loss, optimizer)
+    sliced, sliced_losses = fit_tokens(loss, optimizer, micro_batches=4)
+    assert max_gap(sliced, big) < TOLERANCE
+    np.testing.assert_allclose(sliced_losses, big_losses, rtol=1e-5)  # logged loss
+    if (loss, optimizer) == ("masked keras", "sgd"):  # Keras's accumulation is not
+        keras_way, _ = fit_tokens(loss, optimizer, batch_size=8, steps=4)
+        assert max_gap(keras_way, big) > 1e-3
+
+
+# --------------------------------------------------------------- data sources
+class Batches(keras.utils.PyDataset):
+    def __init__(self, arrays, batch_size):
+        super().__init__()
+        self.arrays, self.batch_size = arrays, batch_size
+
+    def __len__(self):
+        return -(-len(self.arrays[0]) // self.batch_size)
+
+    def __getitem__(self, index):
+        part = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return tuple(a[part] for a in self.arrays)
+
+
+@pytest.mark.parametrize("source", ["arrays", "PyDataset", "generator", "tf.data"])
+def test_data_sources(source):
+    x, y = token_data()
+    if source == "tf.data" and keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.data with the TensorFlow backend")
+
+    def fit(micro_batches):
+        keras.utils.set_random_seed(1)
+        tokens = keras.Input((LENGTH,), dtype="int32")
+        hidden = keras.layers.Embedding(VOCAB, 8, mask_zero=True)(tokens)
+        model = keras_batchfix.Model(tokens, keras.layers.Dense(VOCAB)(hidden))
+        model.compile(
+            keras.optimizers.SGD(0.5),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            micro_batches=micro_batches,
+        )
+        if source == "arrays":
+            model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+        elif source == "PyDataset":
+            model.fit(Batches((x, y), 32), epochs=2, verbose=0)
+        elif source == "generator":
+            def batches():
+                while True:
+                    yield from (Batches((x, y), 32)[i] for i in range(4))
+            model.fit(batches(), steps_per_epoch=4, epochs=2, verbose=0)
+        else:
+            import tensorflow as tf
+
+            data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+            model.fit(data, epochs=2, verbose=0)
+        return weights_of(model)
+
+    assert max_gap(fit(4), fit(None)) < TOLERANCE
+
+
+# ---------------------------------------------------- state, saving and errors
+def test_schedule_sees_updates_and_ema_moves_once_per_update():
+    cell = ("ssd EMACount",)
+    model = build_cell(cell, **{"optimizer": "sgd schedule", "micro_batches": 4})
+    from tests.composition import cell_data
+
+    x, _, y, _ = cell_data(cell)
+    model.fit({"x": x[:16]}, {"boxes": y[:16]}, batch_size=8, epochs=1,
+              shuffle=False, verbose=0)
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 2  # updates
+    positives = y[:16, :, 1:4].max(-1).sum(-1)
+    first, second = max(1.0, positives[:8].sum()), max(1.0, positives[8:].sum())
+    ema = model.loss["boxes"].normalizer.ema
     np.testing.assert_allclose(
-        weights, [2 * 4 / 4] * 2 + [2 * 1 / 4] * 2 + [2 * 4 / 5] * 2 + [2 * 1 / 5]
+        ops.convert_to_numpy(ema), 0.8 * first + 0.2 * second, rtol=1e-6
     )
 
 
-def test_window_weights_rejects_straddling_windows():
-    with pytest.raises(ValueError, match="multiple of steps=2"):
-        window_weights(np.ones(5), batch_size=2, steps=2)
+def test_saved_model_keeps_micro_batches(tmp_path):
+    cell = ("ssd GlobalCount", "center")
+    model = build_cell(cell, **{"micro_batches": 4})
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.micro_batches == 4
+    layer = next(l for l in loaded.layers if isinstance(l, CenterLoss))
+    assert layer.micro_batches == 4
 
 
-def fit_center(batch_size, steps=None, exact=False):
-    """Dense -> CenterLoss -> Dense with cross-entropy; returns the weights."""
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(SAMPLES, 4)).astype("float32")
-    labels = rng.integers(0, 3, SAMPLES).astype("int32")
-    weights = window_weights(np.ones(SAMPLES), MICRO, STEPS)
-    images = keras.Input((4,))
-    label_input = keras.Input((), dtype="int32")
-    weight_input = keras.Input(())
-    embed, classify = keras.layers.Dense(2), keras.layers.Dense(3)
-    features = embed(images)
-    layer = CenterLoss(
-        3, alpha=0.5, loss_weight=0.5, accumulation_steps=steps if exact else None,
-        centers_initializer=keras.initializers.Constant(rng.normal(size=(3, 2))),
-    )
-    inputs = [features, label_input] + ([weight_input] if exact else [])
-    logits = classify(layer(inputs))
-    model = keras.Model([images, label_input, weight_input], logits)
-    for dense in (embed, classify):
-        dense.set_weights([rng.normal(scale=0.5, size=w.shape).astype("float32")
-                           for w in dense.get_weights()])
-    model.compile(keras.optimizers.SGD(0.1, gradient_accumulation_steps=steps),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit([x, labels, weights], labels, batch_size=batch_size, epochs=EPOCHS,
-              shuffle=False, verbose=0, sample_weight=weights if exact else None)
-    trained = model.trainable_weights + [layer.centers]
-    return [np.asarray(ops.convert_to_numpy(w)) for w in trained]
+@pytest.mark.parametrize("bad", [1, 0, 2.5, True, "4"])
+def test_bad_micro_batches(bad):
+    model = build_cell(("keras mse",))
+    with pytest.raises(ValueError, match=r"`micro_batches` must be an integer >= 2"):
+        model.compile("sgd", "mse", micro_batches=bad)
 
 
-def test_center_loss_accumulation_is_exact():
-    one_batch = fit_center(MICRO * STEPS)
-    naive = fit_center(MICRO, STEPS)
-    exact = fit_center(MICRO, STEPS, exact=True)
-    assert max_gap(naive, one_batch) > 1e-4
-    assert max_gap(exact, one_batch) < 1e-5
+def test_micro_batches_with_keras_accumulation_is_an_error():
+    model = build_cell(("keras mse",))
+    model.compile(keras.optimizers.SGD(0.1, gradient_accumulation_steps=2), "mse",
+                  micro_batches=2)
+    x = np.zeros((4, 6, 5), "float32")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        model.fit({"x": x}, {"boxes": np.zeros((4, 6, 8), "float32")}, verbose=0)
 
 
-def test_center_loss_rejects_accumulation_with_trainable_centers():
-    with pytest.raises(ValueError, match="accumulation_steps"):
-        CenterLoss(3, accumulation_steps=2, centers_trainable=True)
+def test_self_normalized_loss_is_an_error():
+    cell = ("compensate no count",)
+    model = build_cell(cell, **{"micro_batches": 2})
+    x = np.zeros((4, 6, 5), "float32")
+    with pytest.raises(ValueError, match="count"):
+        model.fit({"x": x}, {"boxes": np.zeros((4, 6, 8), "float32")}, verbose=0)
+
+
+def test_trainable_centers_are_an_error():
+    features = keras.Input((3,))
+    labels = keras.Input((), dtype="int32")
+    out = CenterLoss(3, centers_trainable=True)([features, labels])
+    model = keras_batchfix.Model([features, labels], out)
+    with pytest.raises(ValueError, match="centers_trainable"):
+        model.compile("sgd", micro_batches=2)

@@ -6,7 +6,8 @@ on free loopback ports, and kills whatever still runs when it ends. With
 strategy with a `reduce` that takes what Keras 3.15 passes), the weights
 after 2 epochs equal single-device training on the same global batches:
 every cell of the composition matrix (tests/composition.py) on one device,
-and for `CenterLoss` alone the NumPy reference `numpy_center_loss_training`.
+the accumulation cells run in 4 slices (`micro_batches=4`) against one pass
+over each batch, and for `CenterLoss` alone the NumPy reference `numpy_center_loss_training`.
 """
 
 import contextlib
@@ -24,7 +25,14 @@ import pytest
 if keras.backend.backend() != "tensorflow":
     pytest.skip("tf.distribute needs the TensorFlow backend", allow_module_level=True)
 
-from tests.composition import CELLS, cell_id, fit_cell, initial_weights  # noqa: E402
+from tests.composition import (  # noqa: E402
+    ACCUMULATION_CELLS,
+    BIG_BATCH,
+    CELLS,
+    cell_id,
+    fit_cell,
+    initial_weights,
+)
 from tests.multi_worker import CENTER_LOSS_SIZES  # noqa: E402
 from tests.processes import printed_weights  # noqa: E402
 from tests.test_center_loss import (  # noqa: E402
@@ -104,6 +112,10 @@ def test_multi_worker_equals_one_device(tmp_path):
         # Single-device references, computed while the workers train.
         expected = {cell_id(cell): fit_cell(cell) for cell in CELLS}
         start_kernels = {cell_id(cell): initial_weights(cell)[0] for cell in CELLS}
+        for cell in ACCUMULATION_CELLS:  # one pass over each batch, one device
+            name = "micro-batches: " + cell_id(cell)
+            expected[name] = fit_cell(cell, **BIG_BATCH)
+            start_kernels[name] = start_kernels[cell_id(cell)]
         for n in CENTER_LOSS_SIZES:
             x, y, w, c = center_loss_problem(n)
             w_ref, c_ref, _ = numpy_center_loss_training(

@@ -84,9 +84,9 @@ def test_bad_normalizer():
 def test_jax_data_parallel_equals_one_device():
     results = json.loads(printed_line("tests.jax_data_parallel", "RESULT ", 600))
     # The composition matrix and 2 CenterLoss problems.
-    from tests.composition import CELLS
+    from tests.composition import ACCUMULATION_CELLS, CELLS
 
-    assert len(results) == len(CELLS) + 2, sorted(results)
+    assert len(results) == len(CELLS) + len(ACCUMULATION_CELLS) + 2, sorted(results)
     for name, result in results.items():
         assert result["max_abs_change"] > 1e-3, name  # training moved the weights
         assert result["max_abs_gap"] < 1e-5, (name, result)

@@ -8,7 +8,8 @@ over the group by `keras_batchfix.replicas.average_gradients_over_processes`
 (the recipe of docs/distributed.md). With the uneven last batch (5 split
 3 / 2, different positive counts), `SSDMultiboxLoss(normalizer=GlobalCount())`,
 `compensate(count=..., normalizer=GlobalCount())` and `CenterLoss` end within
-1e-5 of one device, and both processes hold the same weights. Runs whatever
+1e-5 of one device (also with each rank's share run in 2 slices,
+`micro_batches=2`, against one pass over each batch), and both processes hold the same weights. Runs whatever
 the test process's backend (the processes use torch); skipped without torch.
 """
 
@@ -18,6 +19,7 @@ import pytest
 pytest.importorskip("torch")
 
 from tests.processes import free_loopback_port, printed_weights, run_all  # noqa: E402
+from tests.composition import ACCUMULATION_CELLS  # noqa: E402
 from tests.torch_ddp import DDP_CELLS  # noqa: E402
 
 TIMEOUT_S = 180
@@ -34,7 +36,7 @@ def test_torch_ddp_equals_one_device(tmp_path):
     )
     run_all("tests.torch_ddp", runs, env, TIMEOUT_S)
     reference, first, second = (printed_weights(log_path) for _, log_path in runs)
-    assert len(reference) == len(DDP_CELLS)
+    assert len(reference) == len(DDP_CELLS) + len(ACCUMULATION_CELLS)
     for name, want in reference.items():
         for got, other, want_value in zip(first[name], second[name], want):
             np.testing.assert_array_equal(got, other, err_msg=name)  # ranks agree

@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 from tests.composition import (
+    ACCUMULATION_CELLS,
     BATCH,
     CELLS,
     EPOCHS,
@@ -59,8 +60,12 @@ def shard(array, rank, world_size):
     return np.concatenate(parts)
 
 
-def fit_shard(cell, rank, world_size):
-    """Trains `cell` on this rank's shards; returns the weights (NumPy)."""
+def fit_shard(cell, rank, world_size, micro_batches=None):
+    """Trains `cell` on this rank's shards; returns the weights (NumPy).
+
+    With `micro_batches`, each rank runs its share of a batch in that many
+    slices; the reference (one device) runs each batch in one pass.
+    """
     from keras import ops
 
     from keras_batchfix import replicas
@@ -68,14 +73,17 @@ def fit_shard(cell, rank, world_size):
     x, labels, y_boxes, y_aux = (
         shard(a, rank, world_size) for a in cell_data(cell)
     )
-    model = build_cell(cell)
+    model = build_cell(
+        cell, optimizer="adam schedule",
+        micro_batches=micro_batches if world_size > 1 else None,
+    ) if micro_batches else build_cell(cell)
     if world_size > 1:
         replicas.average_gradients_over_processes(model)
     heads = [piece for piece in cell if piece in HEAD_LOSSES]
     y = dict(zip(("boxes", "aux"), (y_boxes, y_aux)[: len(heads)])) or None
     model.fit(
         cell_inputs(cell, x, labels), y, batch_size=BATCH // world_size,
-        epochs=EPOCHS, shuffle=False, verbose=0,
+        epochs=3 if micro_batches else EPOCHS, shuffle=False, verbose=0,
     )
     return [np.asarray(ops.convert_to_numpy(w)).tolist() for w in model.weights]
 
@@ -90,6 +98,10 @@ def main(argv):
         assert os.environ["MASTER_ADDR"] == "127.0.0.1"
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
     weights = {cell_id(cell): fit_shard(cell, rank, world_size) for cell in DDP_CELLS}
+    for cell in ACCUMULATION_CELLS:
+        weights["micro-batches: " + cell_id(cell)] = fit_shard(
+            cell, rank, world_size, micro_batches=2
+        )
     print("RESULT " + json.dumps(weights), flush=True)
     if world_size > 1:
         dist.destroy_process_group()
