@@ -36,7 +36,7 @@ def test_dry_run(tmp_path):
     env.pop("GPU_RUN_LOGGING", None)
     done = subprocess.run(
         ["bash", SCRIPT, "--dry-run"], env=env, cwd=ROOT,
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 

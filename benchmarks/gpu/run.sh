@@ -10,7 +10,7 @@
 #
 # Environment: OUT (required on the GPU; a temporary folder in a dry run),
 # PYTHON (default python3), GPU_DEADLINE (seconds for all steps; default 480,
-# 300 in a dry run). Steps that would start past the deadline are skipped; the
+# 540 in a dry run). Steps that would start past the deadline are skipped; the
 # center-loss reproduction runs one seed after another while time is left.
 set -euo pipefail
 
@@ -45,7 +45,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 MPLBACKEND=Agg
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # leave GPU memory to torch too
 if [ "$DRY" = 1 ]; then
-    DEADLINE=${GPU_DEADLINE:-300}
+    DEADLINE=${GPU_DEADLINE:-540}
     MODE="dry run (CPU, toy sizes)"
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 else
