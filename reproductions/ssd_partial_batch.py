@@ -514,7 +514,15 @@ def hardware_name():
         import platform
 
         model = platform.processor() or "CPU"
-    return f"{os.cpu_count()}-core {model} CPU"
+    cpu = f"{os.cpu_count()}-core {model} CPU"
+    try:  # Keras's steps run on the GPU when there is one; (f) and (g) on the CPU
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{cpu}, {torch.cuda.get_device_name(0)} GPU"
+    except Exception:  # pragma: no cover
+        pass
+    return cpu
 
 
 # ----------------------------------------------------------------------------
