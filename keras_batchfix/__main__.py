@@ -122,13 +122,14 @@ def main(argv=None):
             repeats=repeats,
             num_replicas=args.replicas,
             tolerance=args.tolerance,
-            verbose=not args.json,
         )
     except (ImportError, AttributeError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(_clean(result.to_dict()), default=str, indent=2))
+    else:
+        print(result)
     if args.strict and not result.ok:
         return 3
     return 0
