@@ -56,9 +56,11 @@ def test_help_lists_the_command():
 
 def test_import_registers_serializable_classes():
     # A plain `import keras_batchfix` loads the API, so `load_model` finds the
-    # package's classes without any further import.
+    # package's classes without any further import; the references (torch)
+    # stay out.
     code = (
-        "import keras, keras_batchfix, types; "
+        "import sys, keras, keras_batchfix, types; "
+        "assert 'keras_batchfix.references' not in sys.modules; "
         "assert isinstance(keras_batchfix.diagnose, types.FunctionType); "
         "assert keras.saving.get_registered_object('keras_batchfix>CenterLoss') "
         "is keras_batchfix.CenterLoss"
