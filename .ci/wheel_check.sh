@@ -3,13 +3,17 @@
 # hold, installs the wheel in a clean virtualenv with only keras, numpy and
 # JAX, and runs an import, the command line and a 3-step `fit` there.
 #
-#   bash .ci/wheel_check.sh            # builds into a temporary folder
+#   bash .ci/wheel_check.sh                  # everything in a temporary folder
 #   KEEP_DIST=dist bash .ci/wheel_check.sh   # and copies the sdist and wheel to dist/
+#   VENV=.venv-jax bash .ci/wheel_check.sh   # and keeps the clean virtualenv there
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 python=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 TF_CPP_MIN_LOG_LEVEL=3
+
+# A path given relative to the repository root, or absolute.
+from_repo() { case $1 in /*) echo "$1" ;; *) echo "$repo/$1" ;; esac; }
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -57,15 +61,19 @@ print(f"wheel: {len([n for n in names if n.startswith('keras_batchfix/')])} file
 EOF
 
 echo "== wheel check: install in a clean virtualenv (keras, numpy, JAX)"
-"$python" -m venv "$work/venv"
+venv=$work/venv
+if [ -n "${VENV:-}" ]; then
+    venv=$(from_repo "$VENV")
+fi
+"$python" -m venv --clear "$venv"
 t0=$SECONDS
-"$work/venv/bin/pip" install -q "$wheel[jax]"
-echo "installed ($((SECONDS - t0)) s): $("$work/venv/bin/pip" list --format=freeze 2>/dev/null \
+"$venv/bin/pip" install -q "$wheel[jax]"
+echo "installed ($((SECONDS - t0)) s): $("$venv/bin/pip" list --format=freeze 2>/dev/null \
     | grep -iE '^(keras|numpy|jax|jaxlib|keras-batchfix)==' | tr '\n' ' ')"
 
 cd "$work"  # away from the source tree: the installed wheel is what runs
-"$work/venv/bin/python" -m keras_batchfix --version
-KERAS_BACKEND=jax "$work/venv/bin/python" - <<'EOF'
+"$venv/bin/python" -m keras_batchfix --version
+KERAS_BACKEND=jax "$venv/bin/python" - <<'EOF'
 import importlib.metadata
 import importlib.util
 
@@ -90,6 +98,7 @@ def box_loss(y_true, y_pred):  # per sample, divided by the batch's positives
     return per_sample / ops.maximum(ops.sum(positives), 1.0)
 
 
+keras.utils.set_random_seed(0)
 rng = np.random.default_rng(0)
 x = rng.normal(size=(20, 4)).astype("float32")
 y = np.concatenate([rng.integers(0, 2, (20, 1)), rng.normal(size=(20, 3))], 1).astype("float32")
@@ -104,6 +113,7 @@ print(f"import, 3-step fit (loss {loss:.4f}) and diagnose on JAX: ok")
 EOF
 
 if [ -n "${KEEP_DIST:-}" ]; then
-    mkdir -p "$repo/$KEEP_DIST" && cp "$sdist" "$wheel" "$repo/$KEEP_DIST/"
+    keep=$(from_repo "$KEEP_DIST")
+    mkdir -p "$keep" && cp "$sdist" "$wheel" "$keep/"
 fi
 echo "== wheel check passed in $((SECONDS - start)) s"
