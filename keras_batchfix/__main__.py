@@ -9,6 +9,9 @@ The `.npz` file holds one batch: arrays `y_true` and `y_pred` (and optionally
 `Loss` subclass (instantiated without arguments); a bare name such as `mse`
 is a Keras loss name. Exit status: 0 when the report was printed (with
 `--strict`: 0 only if no fix is needed, 3 otherwise), 1 on errors.
+
+`--help` and `--version` import no backend: Keras is imported only after the
+arguments are parsed.
 """
 
 import argparse
@@ -62,11 +65,26 @@ def load_batch(path):
         return data["y_true"], data["y_pred"], sample_weight
 
 
+def package_version():
+    """The installed distribution's version, else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("keras-batchfix")
+    except metadata.PackageNotFoundError:
+        from keras_batchfix import __version__
+
+        return __version__
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m keras_batchfix",
         description="keras-batchfix diagnostics.",
         epilog=USAGE_EXAMPLE,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"keras-batchfix {package_version()}"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     diag = commands.add_parser(
@@ -91,7 +109,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        from keras_batchfix.diagnose import diagnose
+        from keras_batchfix import diagnose
 
         loss = resolve_loss(args.loss)
         y_true, y_pred, sample_weight = load_batch(args.data)
@@ -104,13 +122,14 @@ def main(argv=None):
             repeats=repeats,
             num_replicas=args.replicas,
             tolerance=args.tolerance,
-            verbose=not args.json,
         )
     except (ImportError, AttributeError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(_clean(result.to_dict()), default=str, indent=2))
+    else:
+        print(result)
     if args.strict and not result.ok:
         return 3
     return 0

@@ -21,6 +21,7 @@ from keras import ops
 
 from keras_batchfix import normalizers, replicas
 from keras_batchfix._keras_compat import compile_loss
+from keras_batchfix._keras_compat import print_msg
 from keras_batchfix.normalized_loss import NormalizedLoss
 
 MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
@@ -37,7 +38,7 @@ FIXES = {
 
 @dataclasses.dataclass
 class Diagnosis:
-    """What `diagnose` found. `str(diagnosis)` is the printed report.
+    """What `diagnose` found. `str(diagnosis)` is the report (`print(result)`).
 
     Attributes:
         verdict: `"invariant"`, `"inverse_batch_size"` (the loss goes as
@@ -152,7 +153,7 @@ def diagnose(
     repeats=(1, 2, 4),
     num_replicas=2,
     tolerance=0.1,
-    verbose=True,
+    verbose=0,
 ):
     """Finds out whether (and how) a loss's scale depends on the batch size.
 
@@ -183,7 +184,8 @@ def diagnose(
         num_replicas: replicas of the split check (>= 2).
         tolerance: how far from -1, 0 or +1 an exponent (and from 1 a replica
             ratio, relatively) may be to count as that value.
-        verbose: print the report.
+        verbose: 0 (default) prints nothing, 1 prints the report. Either
+            way `print(result)` shows it.
 
     Returns:
         A `Diagnosis` (`str()` of it is the report; `.verdict`, `.fix`,
@@ -202,6 +204,7 @@ def diagnose(
     result.fix       # "compensate": compile(loss=keras_batchfix.compensate(my_loss))
     ```
     """
+    _check_verbose(verbose)
     y_true = _as_array(y_true, "y_true")
     y_pred = _as_array(y_pred, "y_pred")
     n = y_true.shape[0]
@@ -359,8 +362,13 @@ def diagnose(
         tolerance=tolerance,
     )
     if verbose:
-        print(result)
+        print_msg(str(result))
     return result
+
+
+def _check_verbose(verbose):
+    if verbose not in (0, 1):
+        raise ValueError(f"Argument `verbose` must be 0 or 1; received {verbose!r}.")
 
 
 def _as_array(x, name):

@@ -25,7 +25,8 @@ import numpy as np
 from keras import ops
 
 from keras_batchfix import replicas
-from keras_batchfix.diagnose import _fmt, _slope, diagnose
+from keras_batchfix._keras_compat import print_msg
+from keras_batchfix.diagnose import _check_verbose, _fmt, _slope, diagnose
 
 ADVICE = {
     "invariant": "The model's loss is exact at every batch size and replica split.",
@@ -104,7 +105,7 @@ class ModelDiagnosis:
 
 def diagnose_model(
     model, x, y=None, repeats=(1, 2, 4), num_replicas=2, tolerance=0.1,
-    verbose=True,
+    verbose=0,
 ):
     """Finds out whether a model's training loss depends on the batch or the split.
 
@@ -118,10 +119,11 @@ def diagnose_model(
         num_replicas: replicas of the split check (>= 2).
         tolerance: how far an exponent may be from 0 or -1, and a replica
             factor from 1 or `num_replicas` (relatively), to count as it.
-        verbose: print the report.
+        verbose: 0 (default) prints nothing, 1 prints the report. Either
+            way `print(result)` shows it.
 
     Returns:
-        A `ModelDiagnosis`.
+        A `ModelDiagnosis` (`str()` of it is the report).
 
     Example:
 
@@ -131,6 +133,7 @@ def diagnose_model(
     result.replica_factor   # 2.0
     ```
     """
+    _check_verbose(verbose)
     if not getattr(model, "compiled", False):
         raise ValueError(
             "Argument `model` must be compiled: call `model.compile(...)` "
@@ -204,7 +207,7 @@ def diagnose_model(
         outputs=outputs, model_name=model.name,
     )
     if verbose:
-        print(result)
+        print_msg(str(result))
     return result
 
 
@@ -259,6 +262,6 @@ def _output_diagnoses(model, x, y, repeats, num_replicas, tolerance):
             results[name] = diagnose(
                 loss, y[name], ops.convert_to_numpy(y_pred[name]),
                 repeats=repeats, num_replicas=num_replicas,
-                tolerance=tolerance, verbose=False,
+                tolerance=tolerance,
             )
     return results

@@ -3,8 +3,9 @@
 `steps` is a dict of 1-D NumPy arrays, one entry per column of `COLUMNS`,
 one value per recorded step. Nothing here imports Keras; matplotlib (the
 `plots` extra) and TensorFlow (the `tensorflow` extra, for TensorBoard
-through the public `tf.summary` API) are imported only when asked for, and
-`require` checks them before training so that a missing one fails early.
+through the public `tf.summary` API) are imported only when asked for:
+`can_plot` tells whether matplotlib is there, and `require` checks
+TensorFlow before training so that a missing one fails early.
 
 Example:
 
@@ -44,12 +45,19 @@ def check_log_dir(log_dir):
         ) from error
 
 
-def require(plot, tensorboard):
-    """Imports what `plot` and `tensorboard` need now, with an error naming the extra."""
-    if plot:
-        _pyplot_figure()
+def require(tensorboard):
+    """Imports what `tensorboard` needs now, with an error naming the extra."""
     if tensorboard:
         _tensorflow()
+
+
+def can_plot():
+    """Whether matplotlib (the `plots` extra) can be imported for `write_plot`."""
+    try:
+        _pyplot_figure()
+    except ImportError:
+        return False
+    return True
 
 
 def _pyplot_figure():

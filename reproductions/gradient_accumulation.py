@@ -26,7 +26,7 @@ import numpy as np
 from keras import ops
 
 from keras_batchfix import GlobalCount, SSDMultiboxLoss, window_weights
-from batchfix_references.ssd_data import random_batch
+from keras_batchfix.references.ssd_data import random_batch
 
 IMAGE_SIZE, NUM_CLASSES, BOXES, MICRO, STEPS = 32, 4, 3, 6, 2
 

@@ -2,7 +2,7 @@
 
 Run under each backend: `KERAS_BACKEND=jax pytest tests/test_center_loss.py`
 (tensorflow, jax, torch). References are NumPy re-implementations written
-here and the PyTorch port of the report's code in `batchfix_references`.
+here and the PyTorch port of the report's code in `keras_batchfix.references`.
 """
 
 
@@ -383,7 +383,7 @@ def test_save_load_round_trip(tmp_path):
 
 def _torch_parity_setup():
     torch = pytest.importorskip("torch")
-    from batchfix_references.torch_center_loss import TorchCenterLoss
+    from keras_batchfix.references.torch_center_loss import TorchCenterLoss
 
     return torch, TorchCenterLoss
 
