@@ -1,4 +1,8 @@
-"""`benchmarks/gpu/run.sh --dry-run`: every step runs at toy sizes and the bundle holds its outputs."""
+"""`benchmarks/gpu/run.sh --dry-run`: every step runs at toy sizes and the bundle holds its outputs.
+
+Outside `tests/` (the README's test command): `.ci/run` runs it on its own,
+`python -m pytest -q benchmarks/gpu/test_dry_run.py`.
+"""
 
 import os
 import shutil
