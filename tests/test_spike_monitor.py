@@ -308,7 +308,7 @@ def test_missing_matplotlib_fails_before_training(tmp_path, monkeypatch):
 
 
 def test_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="`threshold` must be > 0; received 0"):
+    with pytest.raises(ValueError, match="`threshold` must be a number > 0; received threshold=0"):
         keras_batchfix.SpikeMonitor(threshold=0)
     with pytest.raises(ValueError, match="`verbose` must be 0 or 1"):
         keras_batchfix.SpikeMonitor(verbose=2)
