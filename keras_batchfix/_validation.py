@@ -3,7 +3,8 @@
 "Argument `x` must be <what>; received x=<value>." A number is a Python
 `int` or `float` or a NumPy real scalar (`np.float32(0.9)`, `np.int64(3)`),
 never a `bool` or a string; it must be finite. Each check returns the value
-as a plain `float` or `int`.
+as a plain `float` or `int`. Also the losses' `sample_weight` length check.
+NumPy only, no Keras: `spike_analysis` loads this module by its path.
 """
 
 import math
