@@ -51,6 +51,20 @@ def resolve_loss(spec):
     return obj
 
 
+def parse_repeats(text):
+    """`"1,2,4"` -> `[1, 2, 4]`; a `ValueError` naming `--repeats` otherwise."""
+    try:
+        repeats = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        repeats = []
+    if len(set(repeats)) < 2 or min(repeats) < 1:
+        raise ValueError(
+            "Argument `--repeats` must be two or more distinct integers >= 1, "
+            f"comma-separated (e.g. 1,2,4); received --repeats={text!r}."
+        )
+    return repeats
+
+
 def load_batch(path):
     import numpy as np
 
@@ -111,9 +125,9 @@ def main(argv=None):
     try:
         from keras_batchfix import diagnose
 
+        repeats = parse_repeats(args.repeats)
         loss = resolve_loss(args.loss)
         y_true, y_pred, sample_weight = load_batch(args.data)
-        repeats = [int(k) for k in args.repeats.split(",") if k.strip()]
         result = diagnose(
             loss,
             y_true,

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_batchfix import normalizers, replicas
+from keras_batchfix import _validation, normalizers, replicas
 from keras_batchfix._keras_compat import compile_loss
 from keras_batchfix._keras_compat import print_msg
 from keras_batchfix.normalized_loss import NormalizedLoss
@@ -33,6 +33,7 @@ FIXES = {
     "batch_size": "reduction",
     "replica_scaling": "compensate",
     "other": "unknown",
+    "non_finite": "unknown",
 }
 
 
@@ -43,8 +44,11 @@ class Diagnosis:
     Attributes:
         verdict: `"invariant"`, `"inverse_batch_size"` (the loss goes as
             `1 / B`), `"batch_size"` (goes as `B`), `"replica_scaling"`
-            (batch-size invariant, but a replica split changes it) or
-            `"other"` (an exponent that is none of -1, 0, +1).
+            (batch-size invariant, but a replica split changes it),
+            `"other"` (an exponent that is none of -1, 0, +1) or
+            `"non_finite"` (the loss is NaN or infinite on the samples, so
+            nothing could be measured; the advice counts the non-finite
+            entries of the inputs).
         fix: `"none"`, `"compensate"`, `"reduction"` or `"unknown"`.
         advice: the fix in words (what to change in your code).
         exponent: `d log(loss) / d log(B)` over repetitions of the same
@@ -219,17 +223,11 @@ def diagnose(
         )
     if sample_weight is not None:
         sample_weight = _as_array(sample_weight, "sample_weight")
-    repeats = sorted({int(k) for k in repeats})
-    if len(repeats) < 2 or repeats[0] < 1:
-        raise ValueError(
-            "Argument `repeats` needs two or more factors >= 1; received "
-            f"{repeats!r}."
-        )
-    if int(num_replicas) < 2:
-        raise ValueError(
-            f"Argument `num_replicas` must be >= 2; received {num_replicas!r}."
-        )
-    num_replicas = int(num_replicas)
+    repeats = _repeats(repeats)
+    num_replicas = _validation.integer("num_replicas", num_replicas, 2)
+    tolerance = _validation.real(
+        "tolerance", tolerance, "a float > 0", lambda v: v > 0
+    )
 
     steady_state = isinstance(loss, NormalizedLoss) and normalizers.stateful(
         loss.normalizer
@@ -241,6 +239,9 @@ def diagnose(
     loss_name = getattr(loss_obj, "name", None) or getattr(
         loss, "__name__", repr(loss)
     )
+    # The values before Keras reduces them: first, so that a loss returning
+    # no numbers is named (not a conversion error deep in Keras).
+    raw = _raw_values(loss_obj, loss_name, y_true, y_pred)
 
     fast = compiled.compiled()
 
@@ -277,10 +278,6 @@ def diagnose(
     exponent_sub = _slope([b for b, _ in subbatches], [v for _, v in subbatches])
 
     # 3. Return shape (before Keras reduces it).
-    raw = loss_obj.call(
-        ops.convert_to_tensor(y_true, dtype=loss_obj.dtype),
-        ops.convert_to_tensor(y_pred, dtype=loss_obj.dtype),
-    )
     raw_shape = tuple(ops.shape(raw))
     return_shape = tuple(
         "B" if (i == 0 and d == n) else int(d) for i, d in enumerate(raw_shape)
@@ -341,8 +338,15 @@ def diagnose(
             "the repetition exponent."
         )
 
-    verdict = _classify(exponent, replica_ratio, num_replicas, tolerance)
-    advice = _advice(verdict, exponent, raw_shape, loss_obj, num_replicas)
+    non_finite = [b for _, b, value in repetitions if not math.isfinite(value)]
+    if non_finite:
+        verdict = "non_finite"
+        advice = _non_finite_advice(
+            loss_name, non_finite, y_true, y_pred, sample_weight
+        )
+    else:
+        verdict = _classify(exponent, replica_ratio, num_replicas, tolerance)
+        advice = _advice(verdict, exponent, raw_shape, loss_obj, num_replicas)
     result = Diagnosis(
         verdict=verdict,
         fix=FIXES[verdict],
@@ -369,6 +373,70 @@ def diagnose(
 def _check_verbose(verbose):
     if verbose not in (0, 1):
         raise ValueError(f"Argument `verbose` must be 0 or 1; received {verbose!r}.")
+
+
+def _repeats(repeats):
+    """The sorted distinct tiling factors; a named error unless two or more >= 1."""
+    try:
+        factors = sorted({_validation.integer("repeats", k, 1) for k in repeats})
+    except (TypeError, ValueError):
+        factors = []
+    if len(factors) < 2:
+        raise ValueError(
+            "Argument `repeats` must be two or more distinct integers >= 1 "
+            f"(tiling factors, e.g. (1, 2, 4)); received repeats={repeats!r}."
+        )
+    return factors
+
+
+def _raw_values(loss_obj, loss_name, y_true, y_pred):
+    """The loss's unreduced values on the batch; a `ValueError` naming the
+    loss if they are not numbers (`None`, a string, ...)."""
+    raw = loss_obj.call(
+        ops.convert_to_tensor(y_true, dtype=loss_obj.dtype),
+        ops.convert_to_tensor(y_pred, dtype=loss_obj.dtype),
+    )
+    problem = None
+    if raw is None or isinstance(raw, (str, bytes)):
+        problem = f"it returned {raw!r}"
+    else:
+        try:
+            raw = ops.convert_to_tensor(raw)
+        except (TypeError, ValueError) as error:
+            problem = f"it returned a {type(raw).__name__} ({error})"
+        else:
+            dtype = keras.backend.standardize_dtype(raw.dtype)
+            if "float" not in dtype and "int" not in dtype:
+                problem = f"it returned values of dtype {dtype}"
+    if problem is not None:
+        raise ValueError(
+            f"Loss {str(loss_name)!r} must return numeric loss values (a tensor "
+            f"of shape (batch_size,), (batch_size, ...) or ()); {problem}."
+        )
+    return raw
+
+
+def _non_finite_advice(loss_name, batch_sizes, y_true, y_pred, sample_weight):
+    """What `diagnose` says when the loss is NaN or infinite."""
+    counts = []
+    for name, array in (
+        ("y_true", y_true), ("y_pred", y_pred), ("sample_weight", sample_weight)
+    ):
+        if array is None or array.dtype.kind not in "fc":
+            continue
+        bad = int(np.sum(~np.isfinite(array)))
+        if bad:
+            counts.append(f"{name} {bad} of {array.size}")
+    if counts:
+        inputs = "The inputs hold NaN or infinite entries: " + ", ".join(counts)
+    else:
+        inputs = "The inputs are finite: the loss itself makes the NaN or infinity"
+    sizes = ", ".join(str(b) for b in batch_sizes)
+    return (
+        f"The loss {loss_name!r} is NaN or infinite (at B={sizes}): its batch-size "
+        f"scaling cannot be measured. {inputs}. Fix the inputs (or the loss: a "
+        "log of 0, a division by a zero count), then diagnose again."
+    )
 
 
 def _as_array(x, name):

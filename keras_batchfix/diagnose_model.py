@@ -24,9 +24,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_batchfix import replicas
+from keras_batchfix import _validation, replicas
 from keras_batchfix._keras_compat import print_msg
-from keras_batchfix.diagnose import _check_verbose, _fmt, _slope, diagnose
+from keras_batchfix.diagnose import _check_verbose, _fmt, _repeats, _slope, diagnose
 
 ADVICE = {
     "invariant": "The model's loss is exact at every batch size and replica split.",
@@ -43,6 +43,11 @@ ADVICE = {
         "twice. Wrap the self-normalizing loss in keras_batchfix.compensate."
     ),
     "other": "The loss depends on the batch or the split in another way.",
+    "non_finite": (
+        "The model's loss is NaN or infinite on this batch: its scaling cannot "
+        "be measured. Check the inputs and the loss for NaN, inf, a log of 0 "
+        "or a division by a zero count, then diagnose again."
+    ),
 }
 
 
@@ -51,10 +56,10 @@ class ModelDiagnosis:
     """What `diagnose_model` found; `str()` of it is the report.
 
     Attributes:
-        verdict: `"invariant"`, `"replica_sum"`, `"inverse_batch_size"` or
-            `"other"` for the total loss; when the total is invariant but a
-            compile-time output's loss is not, that output's `diagnose`
-            verdict.
+        verdict: `"invariant"`, `"replica_sum"`, `"inverse_batch_size"`,
+            `"other"` or `"non_finite"` (NaN or infinite) for the total
+            loss; when the total is invariant but a compile-time output's
+            loss is not, that output's `diagnose` verdict.
         advice: the fix in words.
         exponent: `d log(loss) / d log(B)` over repetitions of `(x, y)`.
         replica_factor: sum over the replicas of what each hands Keras,
@@ -139,11 +144,8 @@ def diagnose_model(
             "Argument `model` must be compiled: call `model.compile(...)` "
             "before `diagnose_model`."
         )
-    if int(num_replicas) < 2:
-        raise ValueError(
-            f"Argument `num_replicas` must be >= 2; received {num_replicas!r}."
-        )
-    num_replicas = int(num_replicas)
+    num_replicas = _validation.integer("num_replicas", num_replicas, 2)
+    repeats = _repeats(repeats)
     x = keras.tree.map_structure(np.asarray, x)
     y = None if y is None else keras.tree.map_structure(np.asarray, y)
     sizes = {a.shape[0] for a in keras.tree.flatten((x, y)) if a.ndim > 0}
@@ -170,7 +172,6 @@ def diagnose_model(
             lambda a: np.concatenate([a] * k, axis=0), (x, y)
         )
 
-    repeats = sorted({int(k) for k in repeats})
     repetitions = [(n * k, float(loss_of(*tiled(k)))) for k in repeats]
     exponent = _slope([b for b, _ in repetitions], [v for _, v in repetitions])
     single = float(loss_of(x, y))
@@ -184,7 +185,9 @@ def diagnose_model(
     factor = same / single if single else float("nan")
     factor_split = split / single if single else float("nan")
 
-    if abs(exponent) <= tolerance and abs(factor - 1) <= tolerance:
+    if not all(np.isfinite([v for _, v in repetitions] + [single])):
+        verdict = "non_finite"
+    elif abs(exponent) <= tolerance and abs(factor - 1) <= tolerance:
         verdict = "invariant"
     elif abs(exponent) <= tolerance and abs(factor / num_replicas - 1) <= tolerance:
         verdict = "replica_sum"

@@ -67,7 +67,14 @@ class SpikeMonitor(keras.callbacks.Callback):
                  **detector):
         super().__init__()
         if verbose not in (0, 1):
-            raise ValueError(f"Argument `verbose` must be 0 or 1; received {verbose!r}.")
+            raise ValueError(
+                f"Argument `verbose` must be 0 or 1; received verbose={verbose!r}."
+            )
+        if log_dir is not None and not isinstance(log_dir, (str, bytes, os.PathLike)):
+            raise ValueError(
+                "Argument `log_dir` must be a folder path (a str or os.PathLike) or "
+                f"None; received log_dir={log_dir!r}."
+            )
         self.config = spike_analysis.DetectorConfig(**detector)
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.plot = None if plot is None else bool(plot)

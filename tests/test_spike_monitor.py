@@ -334,7 +334,7 @@ def test_plot_false_writes_no_png(tmp_path):
 
 
 def test_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="`threshold` must be > 0; received 0"):
+    with pytest.raises(ValueError, match="`threshold` must be a number > 0; received threshold=0"):
         keras_batchfix.SpikeMonitor(threshold=0)
     with pytest.raises(ValueError, match="`verbose` must be 0 or 1"):
         keras_batchfix.SpikeMonitor(verbose=2)
