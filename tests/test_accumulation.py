@@ -277,3 +277,15 @@ def test_trainable_centers_are_an_error():
     model = keras_batchfix.Model([features, labels], out)
     with pytest.raises(ValueError, match="centers_trainable"):
         model.compile("sgd", micro_batches=2)
+
+
+def test_own_compute_loss_is_an_error():
+    class Detector(keras_batchfix.Model):
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                         training=True):
+            return super().compute_loss(x, y, y_pred, sample_weight, training)
+
+    inputs = keras.Input((3,))
+    model = Detector(inputs, keras.layers.Dense(2)(inputs))
+    with pytest.raises(ValueError, match="Detector overrides `compute_loss`"):
+        model.compile("sgd", "mse", micro_batches=2)
