@@ -28,10 +28,9 @@ gradient-sized buffer.
 """
 
 import keras
-import numpy as np
 from keras import ops
 
-from keras_batchfix import _keras_compat, normalizers, replicas
+from keras_batchfix import _keras_compat, _validation, normalizers, replicas
 from keras_batchfix.normalized_loss import NormalizedLoss, _as_values, weighted_sum
 
 
@@ -39,14 +38,7 @@ def check_micro_batches(micro_batches):
     """`micro_batches` as an int >= 2, or None; a named error otherwise."""
     if micro_batches is None:
         return None
-    if isinstance(micro_batches, bool) or not isinstance(
-        micro_batches, (int, np.integer)
-    ) or micro_batches < 2:
-        raise ValueError(
-            "Argument `micro_batches` must be an integer >= 2 (or None for no "
-            f"accumulation); received micro_batches={micro_batches!r}."
-        )
-    return int(micro_batches)
+    return _validation.integer("micro_batches", micro_batches, 2)
 
 
 # ------------------------------------------------------------------ slicing
@@ -401,6 +393,10 @@ def _torch_train_step(model, data):
 
     _check_model(model)
     size, window = _window(model, data)
+    replicas.check_equal_over_processes(
+        len(window), "the slices of this batch (give every process at least "
+        f"micro_batches={model.micro_batches} samples of each batch)"
+    )
     weights = model.trainable_weights[:]
     parameters = [w.value for w in weights]
     sums, numerators, counts, groups = {}, {}, {}, None

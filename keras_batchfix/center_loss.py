@@ -310,9 +310,11 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         # sqrt(valid samples - B) is 0, or the root of a negative number.
         poison = ops.sqrt(ops.sum(valid) - local_batch)
 
+        # In a step run as slices the model divides the batch's sum once,
+        # frozen layer or not; only a trainable layer moves its centers.
+        in_slices = bool(training) and self.micro_batches is not None
         training = bool(training) and self.trainable
         numerator = self.loss_weight * local_sum + poison
-        in_slices = training and self.micro_batches is not None
         if in_slices:  # the model divides the batch's sum once
             losses = [numerator]
         else:
