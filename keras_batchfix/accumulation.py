@@ -407,8 +407,12 @@ def _torch_train_step(model, data):
         keys = list(groups)
         for i, key in enumerate(keys):
             objective = model.optimizer.scale_loss(groups[key].numerator)
+            retain = i < len(keys) - 1
+            if i == 0:  # the first group adds up in `.grad`, as Keras's step does
+                objective.backward(retain_graph=retain)
+                continue
             gradients = torch.autograd.grad(
-                objective, parameters, retain_graph=i < len(keys) - 1,
+                objective, parameters, retain_graph=retain,
                 allow_unused=True, materialize_grads=True,
             )
             sums[key] = list(gradients) if key not in sums else [
@@ -422,13 +426,12 @@ def _torch_train_step(model, data):
             model.compute_metrics(x, y, y_pred, sample_weight)
     with torch.no_grad():
         scales = _end_window(model, groups, counts)
-        gradients = sums[keys[0]]
-        for i, key in enumerate(keys):
-            s = scales[i]
-            if i == 0:
-                gradients = [g.mul_(s) for g in gradients]
-            else:
-                gradients = [g.add_(h * s) for g, h in zip(gradients, sums[key])]
+        gradients = [
+            (torch.zeros_like(p) if p.grad is None else p.grad).mul_(scales[0])
+            for p in parameters
+        ]
+        for key, s in zip(keys[1:], scales[1:]):
+            gradients = [g.add_(h.mul_(s)) for g, h in zip(gradients, sums[key])]
         model.optimizer.apply(gradients, weights)
         _record_loss(model, groups, numerators, scales, size)
     return model.get_metrics_result()
