@@ -163,7 +163,7 @@ def worker(args):
     def nbytes(variables):
         return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
 
-    result = {"parameters": nbytes(models["keras"].trainable_weights)}
+    result = {"parameters": nbytes(models["keras"].trainable_weights), "device": device()}
     if not args.memory_only:
         result["times"] = interleaved_times(
             {name: timed_fit(name) for name in CONFIGS}, args.repeats, warmup=1,
@@ -174,11 +174,31 @@ def worker(args):
         for name in CONFIGS:
             step = one_update(name)
             step(), step()  # builds the optimizer and traces the step
-            if keras.backend.backend() == "torch":
-                result["peak"][name] = peak_step_bytes(step)
+            if keras.backend.backend() == "torch" and result["device"] == "CPU":
+                result["peak"][name] = peak_step_bytes(step)  # host memory only
             if keras.backend.backend() == "jax":
                 result["xla_temp"][name] = xla_temp_bytes(models[name], x[:fit_batch[name]])
     emit(result)
+
+
+def device():
+    """What the running backend computes on: "CPU", or the accelerator's name."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    if backend == "jax":
+        import jax
+
+        first = jax.devices()[0]
+        return "CPU" if first.platform == "cpu" else first.device_kind
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return gpus[0].name if gpus else "CPU"
 
 
 def xla_temp_bytes(model, x):
@@ -253,12 +273,14 @@ def report(args, results):
           f"updates; torch/TF threads {args.threads or 'default'}; {cpu_name()}")
     print(f"P = parameter bytes = one gradient-sized buffer = {size / mib:.2f} MiB. "
           "opt. state: the optimizer's variables; peak: the largest rise of the resident set "
-          "in one update (torch); XLA temp: scratch memory of one compiled train step (JAX)")
+          "in one update (torch on CPU); XLA temp: scratch memory of one compiled train step (JAX)")
     print(f"{'backend':<11} {'config':<9} {'ms/update':>9} {'IQR':>13} {'/ keras':>7} "
           f"{'range':>11} {'opt. state':>10} {'peak':>10} {'XLA temp':>10}")
     verdicts = []
     for backend, result in results.items():
         times = result["times"]
+        if result["device"] != "CPU":
+            print(f"{backend} computes on {result['device']}")
         for name in CONFIGS:
             q1, q2, q3 = quartiles(times[name])
             paired = [p / q for p, q in zip(times[name], times["keras"])]
