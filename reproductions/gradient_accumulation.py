@@ -33,7 +33,8 @@ micro-batches (which run on across epochs) hold the sequences of (a)'s batches:
     python reproductions/gradient_accumulation.py --backend jax --out /tmp/acc
 
 Writes updates.csv (per backend, run and update), table.csv, table.md and
-gradient_accumulation.png to --out (default results/gradient_accumulation/).
+gradient_accumulation.png to --out (default results/gradient_accumulation/,
+with --quick results/gradient_accumulation_quick/).
 The committed results: the default command, 2-core AMD EPYC virtual machine,
 CPU only, no GPU, for TensorFlow 2.21.0, JAX 0.10.2 and torch 2.13.0 under
 Keras 3.15.1 (run.log): on every backend (b) ends 0.78 of (a)'s weight change
@@ -252,11 +253,13 @@ def main(argv=None):
     parser.add_argument("--backend", choices=BACKENDS, help="one backend (default: all three)")
     parser.add_argument("--epochs", type=int, help="default 10 (--quick: 3)")
     parser.add_argument("--quick", action="store_true", help="3 epochs, for the tests")
-    parser.add_argument("--out", default=os.path.join(
-        ROOT, "reproductions", "results", "gradient_accumulation"))
+    parser.add_argument("--out", help="default results/gradient_accumulation "
+                        "(--quick: results/gradient_accumulation_quick)")
     parser.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     epochs = args.epochs or (3 if args.quick else 10)
+    args.out = args.out or os.path.join(ROOT, "reproductions", "results",
+                                        "gradient_accumulation" + "_quick" * args.quick)
     if args.worker:
         import keras
 
