@@ -31,6 +31,7 @@ import keras
 from keras import ops
 
 from keras_batchfix import _keras_compat, _validation, normalizers, replicas
+from keras_batchfix.center_loss import CenterLoss
 from keras_batchfix.normalized_loss import NormalizedLoss, _as_values, weighted_sum
 
 
@@ -187,8 +188,6 @@ def all_layers(layer):
 
 
 def center_loss_layers(model):
-    from keras_batchfix.center_loss import CenterLoss  # it imports this module
-
     return [layer for layer in all_layers(model) if isinstance(layer, CenterLoss)]
 
 
