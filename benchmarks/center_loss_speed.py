@@ -1,6 +1,6 @@
 """Training-step time of `CenterLoss` (loss, feature gradient, center update).
 
-Against the PyTorch reference of `batchfix_references/torch_center_loss.py`
+Against the PyTorch reference of `keras_batchfix/references/torch_center_loss.py`
 (the report's autograd Function plus its SGD step on the centers), timed
 inside every backend's process, its steps taken in turn with the Keras ones
 (`harness.interleaved_medians`), so each ratio compares steps measured side
@@ -29,7 +29,7 @@ def make_batch(num_classes, batch, features, seed=0):
 def reference_step(num_classes, x, labels):
     import torch
 
-    from batchfix_references.torch_center_loss import TorchCenterLoss
+    from keras_batchfix.references.torch_center_loss import TorchCenterLoss
 
     device = torch_device()
     center = TorchCenterLoss(num_classes, x.shape[1]).to(device)

@@ -16,6 +16,17 @@ def interleaved_medians(steps, repeats, warmup=2):
     of a shared machine (other work, clock changes) reaches all steps alike
     and cancels in their ratios.
     """
+    times = interleaved_times(steps, repeats, warmup)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def interleaved_times(steps, repeats, warmup=2, self_timed=False):
+    """`{name: [seconds of each round]}`, taken as `interleaved_medians` takes them.
+
+    With `self_timed=True` each step returns the seconds it measured itself
+    (a part of its call, e.g. the steps of a `fit` after its set-up);
+    otherwise the wall time of the call is taken.
+    """
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -23,9 +34,10 @@ def interleaved_medians(steps, repeats, warmup=2):
     for _ in range(repeats):
         for name, step in steps.items():
             start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            measured = step()
+            elapsed = time.perf_counter() - start
+            times[name].append(float(measured) if self_timed else elapsed)
+    return times
 
 
 def peak_step_bytes(step, repeats=3):
@@ -59,6 +71,19 @@ def _status_kib(field):
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise OSError(f"{field} not in /proc/self/status")
+
+
+def cpu_name():
+    """`"2-core AMD EPYC CPU"`: the cores Python sees and the CPU's model name."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            name = next(line.split(":", 1)[1].strip()
+                        for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        name = platform.processor() or "unknown"
+    return f"{os.cpu_count()}-core {name} CPU"
 
 
 def torch_device():

@@ -2,7 +2,7 @@
 
 Baselines:
 
-* `torch ref`: the PyTorch multibox loss of `batchfix_references` (ssd.pytorch's
+* `torch ref`: the PyTorch multibox loss of `keras_batchfix.references` (ssd.pytorch's
   double argsort for per-image mining), timed inside every backend's process,
   its steps taken in turn with the Keras ones (`harness.interleaved_medians`),
   so each ratio compares steps measured side by side;
@@ -48,7 +48,7 @@ NUM_CLASSES = 21
 def make_batch(batch_size, anchors, seed=0):
     import numpy as np
 
-    from batchfix_references.ssd_data import random_batch
+    from keras_batchfix.references.ssd_data import random_batch
 
     return random_batch(
         np.random.default_rng(seed), batch_size, anchors, NUM_CLASSES,
@@ -90,7 +90,7 @@ def keras_steps(y_true, y_pred):
 def torch_reference_steps(y_true, y_pred):
     import torch
 
-    from batchfix_references.torch_multibox import multibox_loss
+    from keras_batchfix.references.torch_multibox import multibox_loss
 
     device = torch_device()
     t = torch.tensor(y_true, device=device)

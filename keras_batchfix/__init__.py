@@ -1,20 +1,69 @@
 """keras-batchfix: losses whose scale does not depend on how Keras batches them."""
 
-from keras_batchfix.accumulation_weights import window_weights
-from keras_batchfix.anchors import num_anchors_per_cell, ssd_anchors
-from keras_batchfix.box_matching import encode_ssd_targets, match_anchors
-from keras_batchfix.center_loss import CenterLoss
-from keras_batchfix.compensate import compensate
-from keras_batchfix.diagnose import diagnose
-from keras_batchfix.diagnose_model import diagnose_model
-from keras_batchfix.normalized_loss import NormalizedLoss
-from keras_batchfix.normalized_loss import count_weight
-from keras_batchfix.normalizers import EMACount
-from keras_batchfix.normalizers import GlobalCount
-from keras_batchfix.normalizers import LocalCount
-from keras_batchfix.model import Model
-from keras_batchfix.model import NormalizerUpdates
-from keras_batchfix.spike_monitor import SpikeMonitor
-from keras_batchfix.ssd_loss import SSDMultiboxLoss
+import importlib
+import sys
 
 __version__ = "0.1.0"
+
+# Public name -> the module that defines it.
+_API = {
+    "num_anchors_per_cell": "keras_batchfix.anchors",
+    "ssd_anchors": "keras_batchfix.anchors",
+    "encode_ssd_targets": "keras_batchfix.box_matching",
+    "match_anchors": "keras_batchfix.box_matching",
+    "CenterLoss": "keras_batchfix.center_loss",
+    "compensate": "keras_batchfix.compensate",
+    "diagnose": "keras_batchfix.diagnose",
+    "diagnose_model": "keras_batchfix.diagnose_model",
+    "NormalizedLoss": "keras_batchfix.normalized_loss",
+    "count_weight": "keras_batchfix.normalized_loss",
+    "EMACount": "keras_batchfix.normalizers",
+    "GlobalCount": "keras_batchfix.normalizers",
+    "LocalCount": "keras_batchfix.normalizers",
+    "Model": "keras_batchfix.model",
+    "NormalizerUpdates": "keras_batchfix.model",
+    "SpikeMonitor": "keras_batchfix.spike_monitor",
+    "SSDMultiboxLoss": "keras_batchfix.ssd_loss",
+}
+
+__all__ = [*_API, "__version__"]
+
+
+def _load_api():
+    """Imports the public API (and with it Keras and its backend)."""
+    modules = {name: importlib.import_module(module) for name, module in _API.items()}
+    # Bound after all imports: importing `keras_batchfix.diagnose` (the module)
+    # sets the package attribute `diagnose`, which the function must replace.
+    for name, module in modules.items():
+        globals()[name] = getattr(module, name)
+
+
+def __getattr__(name):
+    if name in _API:
+        _load_api()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))
+
+
+def _starting_cli():
+    """True while `python -m keras_batchfix` imports this package.
+
+    Python sets `sys.argv[0]` to "-m" until the `__main__` module is found; the
+    command line then parses its arguments before importing Keras, so `--help`
+    and `--version` import no backend.
+    """
+    argv = getattr(sys, "orig_argv", [])
+    return sys.argv[:1] == ["-m"] and any(
+        arg == "-m" + __name__ or (arg == "-m" and following == __name__)
+        for arg, following in zip(argv, argv[1:] + [""])
+    )
+
+
+if not _starting_cli():
+    # Importing the package registers its serializable classes with Keras, so
+    # `keras.models.load_model` finds them after a plain `import keras_batchfix`.
+    _load_api()

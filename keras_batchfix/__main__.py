@@ -11,6 +11,9 @@ batch on axis 0, e.g. written with
 `Loss` subclass (instantiated without arguments); a bare name such as `mse`
 is a Keras loss name. Exit status: 0 when the report was printed (with
 `--strict`: 0 only if no fix is needed, 3 otherwise), 1 on errors.
+
+`--help` and `--version` import no backend: Keras is imported only after the
+arguments are parsed.
 """
 
 import argparse
@@ -50,6 +53,20 @@ def resolve_loss(spec):
     return obj
 
 
+def parse_repeats(text):
+    """`"1,2,4"` -> `[1, 2, 4]`; a `ValueError` naming `--repeats` otherwise."""
+    try:
+        repeats = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        repeats = []
+    if len(set(repeats)) < 2 or min(repeats) < 1:
+        raise ValueError(
+            "Argument `--repeats` must be two or more distinct integers >= 1, "
+            f"comma-separated (e.g. 1,2,4); received --repeats={text!r}."
+        )
+    return repeats
+
+
 def load_batch(path):
     import numpy as np
 
@@ -64,11 +81,26 @@ def load_batch(path):
         return data["y_true"], data["y_pred"], sample_weight
 
 
+def package_version():
+    """The installed distribution's version, else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("keras-batchfix")
+    except metadata.PackageNotFoundError:
+        from keras_batchfix import __version__
+
+        return __version__
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m keras_batchfix",
         description="keras-batchfix diagnostics.",
         epilog=USAGE_EXAMPLE,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"keras-batchfix {package_version()}"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     diag = commands.add_parser(
@@ -97,11 +129,11 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        from keras_batchfix.diagnose import diagnose
+        from keras_batchfix import diagnose
 
+        repeats = parse_repeats(args.repeats)
         loss = resolve_loss(args.loss)
         y_true, y_pred, sample_weight = load_batch(args.data)
-        repeats = [int(k) for k in args.repeats.split(",") if k.strip()]
         result = diagnose(
             loss,
             y_true,
@@ -110,7 +142,6 @@ def main(argv=None):
             repeats=repeats,
             num_replicas=args.replicas,
             tolerance=args.tolerance,
-            verbose=not args.json,
             accumulation_steps=args.accumulation_steps,
         )
     except (ImportError, AttributeError, ValueError, OSError) as error:
@@ -118,6 +149,8 @@ def main(argv=None):
         return 1
     if args.json:
         print(json.dumps(_clean(result.to_dict()), default=str, indent=2))
+    else:
+        print(result)
     if args.strict and not result.ok:
         return 3
     return 0

@@ -28,10 +28,9 @@ gradient-sized buffer.
 """
 
 import keras
-import numpy as np
 from keras import ops
 
-from keras_batchfix import _keras_compat, normalizers, replicas
+from keras_batchfix import _keras_compat, _validation, normalizers, replicas
 from keras_batchfix.normalized_loss import NormalizedLoss, _as_values, weighted_sum
 
 
@@ -39,14 +38,7 @@ def check_micro_batches(micro_batches):
     """`micro_batches` as an int >= 2, or None; a named error otherwise."""
     if micro_batches is None:
         return None
-    if isinstance(micro_batches, bool) or not isinstance(
-        micro_batches, (int, np.integer)
-    ) or micro_batches < 2:
-        raise ValueError(
-            "Argument `micro_batches` must be an integer >= 2 (or None for no "
-            f"accumulation); received micro_batches={micro_batches!r}."
-        )
-    return int(micro_batches)
+    return _validation.integer("micro_batches", micro_batches, 2)
 
 
 # ------------------------------------------------------------------ slicing
@@ -401,6 +393,10 @@ def _torch_train_step(model, data):
 
     _check_model(model)
     size, window = _window(model, data)
+    replicas.check_equal_over_processes(
+        len(window), "the slices of this batch (give every process at least "
+        f"micro_batches={model.micro_batches} samples of each batch)"
+    )
     weights = model.trainable_weights[:]
     parameters = [w.value for w in weights]
     sums, numerators, counts, groups = {}, {}, {}, None
@@ -411,8 +407,12 @@ def _torch_train_step(model, data):
         keys = list(groups)
         for i, key in enumerate(keys):
             objective = model.optimizer.scale_loss(groups[key].numerator)
+            retain = i < len(keys) - 1
+            if i == 0:  # the first group adds up in `.grad`, as Keras's step does
+                objective.backward(retain_graph=retain)
+                continue
             gradients = torch.autograd.grad(
-                objective, parameters, retain_graph=i < len(keys) - 1,
+                objective, parameters, retain_graph=retain,
                 allow_unused=True, materialize_grads=True,
             )
             sums[key] = list(gradients) if key not in sums else [
@@ -426,62 +426,86 @@ def _torch_train_step(model, data):
             model.compute_metrics(x, y, y_pred, sample_weight)
     with torch.no_grad():
         scales = _end_window(model, groups, counts)
-        gradients = sums[keys[0]]
-        for i, key in enumerate(keys):
-            s = scales[i]
-            if i == 0:
-                gradients = [g.mul_(s) for g in gradients]
-            else:
-                gradients = [g.add_(h * s) for g, h in zip(gradients, sums[key])]
+        gradients = [
+            (torch.zeros_like(p) if p.grad is None else p.grad).mul_(scales[0])
+            for p in parameters
+        ]
+        for key, s in zip(keys[1:], scales[1:]):
+            gradients = [g.add_(h.mul_(s)) for g, h in zip(gradients, sums[key])]
         model.optimizer.apply(gradients, weights)
         _record_loss(model, groups, numerators, scales, size)
     return model.get_metrics_result()
 
 
 def _jax_train_step(model, state, data):
+    """The step as a `jax.lax.scan` over equal slices (a Python loop otherwise).
+
+    The carry holds one gradient sum per group of terms, the numerators and
+    counts, and the non-trainable and metric variables.
+    """
     import jax
+    import jax.numpy as jnp
 
     _check_model(model)
     trainable, non_trainable, optimizer_variables, metrics_variables = state
-    size, window = _window(model, data)
-    sums, numerators, counts, keys, groups = None, None, None, None, None
-    for x, y, sample_weight in window:
+    data = keras.utils.unpack_x_y_sample_weight(data)
+    size = _batch_size(data[0])
+    bounds = micro_batch_bounds(size, model.micro_batches)
+    static = {}  # the groups' keys and normalizers: Python objects
 
-        def objectives(trainable, non_trainable, x=x, y=y, sample_weight=sample_weight):
-            mapping = list(zip(model.trainable_variables, trainable))
-            mapping += list(zip(model.non_trainable_variables, non_trainable))
-            with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
-                y_pred, terms = forward_terms(model, x, y, sample_weight, len(window))
-                groups = combine(terms)
-            non_trainable = _current(scope, model.non_trainable_variables)
-            static["groups"] = groups  # keys and normalizers: Python objects
-            values = [group.numerator for group in groups.values()]
-            counts = [group.count for group in groups.values()]
-            return values, (counts, y_pred, non_trainable)
+    def numerators_of(trainable, non_trainable, batch):
+        x, y, sample_weight = batch
+        mapping = list(zip(model.trainable_variables, trainable))
+        mapping += list(zip(model.non_trainable_variables, non_trainable))
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+            y_pred, terms = forward_terms(model, x, y, sample_weight, len(bounds))
+            static["groups"] = combine(terms)
+        groups = static["groups"].values()
+        values = [group.numerator for group in groups]
+        counts = [jnp.zeros(()) if g.count is None else g.count for g in groups]
+        return values, (counts, y_pred, _current(scope, model.non_trainable_variables))
 
-        static = {}
-        values, pullback, aux = jax.vjp(
-            lambda t: objectives(t, non_trainable), trainable, has_aux=True
+    def slice_step(carry, batch):
+        sums, numerators, counts, non_trainable, metrics_variables = carry
+        values, pullback, (step_counts, y_pred, non_trainable) = jax.vjp(
+            lambda t: numerators_of(t, non_trainable, batch), trainable, has_aux=True
         )
-        step_counts, y_pred, non_trainable = aux
-        groups = static["groups"]
-        keys = list(groups)
-        gradients = []
         for i in range(len(values)):
-            cotangent = [jax.numpy.zeros_like(v) for v in values]
-            cotangent[i] = jax.numpy.ones_like(values[i])
-            gradients.append(pullback(cotangent)[0])
-        if sums is None:
-            sums, numerators, counts = gradients, values, step_counts
-        else:
-            sums = [jax.tree.map(jax.numpy.add, a, b) for a, b in zip(sums, gradients)]
-            numerators = [a + b for a, b in zip(numerators, values)]
-            counts = [a if b is None else a + b for a, b in zip(counts, step_counts)]
+            cotangent = [jnp.zeros_like(v) for v in values]
+            cotangent[i] = jnp.ones_like(values[i])
+            sums[i] = [a + b for a, b in zip(sums[i], pullback(cotangent)[0])]
+        numerators = [a + b for a, b in zip(numerators, values)]
+        counts = [a + b for a, b in zip(counts, step_counts)]
         mapping = list(zip(model.metrics_variables, metrics_variables))
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            model.compute_metrics(x, y, y_pred, sample_weight)
+            model.compute_metrics(batch[0], batch[1], y_pred, batch[2])
         metrics_variables = _current(scope, model.metrics_variables)
+        return (sums, numerators, counts, non_trainable, metrics_variables), None
 
+    shapes = jax.eval_shape(
+        lambda: numerators_of(trainable, non_trainable, _slice(data, *bounds[0]))[0]
+    )
+    carry = (
+        [[jnp.zeros_like(t) for t in trainable] for _ in shapes],
+        [jnp.zeros((), shape.dtype) for shape in shapes],
+        [jnp.zeros(()) for _ in shapes],
+        non_trainable,
+        metrics_variables,
+    )
+    if size % model.micro_batches == 0:  # equal slices: one traced slice
+        stacked = keras.tree.map_structure(
+            lambda v: None if v is None
+            else v.reshape((model.micro_batches, -1) + tuple(v.shape[1:])),
+            data,
+        )
+        carry, _ = jax.lax.scan(slice_step, carry, stacked)
+    else:
+        for start, stop in bounds:
+            carry, _ = slice_step(carry, _slice(data, start, stop))
+    sums, numerators, counts, non_trainable, metrics_variables = carry
+
+    groups = static["groups"]
+    keys = list(groups)
     mapping = list(zip(model.metrics_variables, metrics_variables))
     mapping += list(zip(model.non_trainable_variables, non_trainable))
     with keras.StatelessScope(state_mapping=mapping) as scope:

@@ -11,7 +11,7 @@ model's optimizer.
 import keras
 from keras import ops
 
-from keras_batchfix import kernels, normalizers, replicas
+from keras_batchfix import _validation, kernels, normalizers, replicas
 from keras_batchfix._keras_compat import ReplicaThreadLosses
 
 
@@ -125,9 +125,11 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         num_classes: number of classes (rows of the centers).
         alpha: center step, a float in `(0, 1]` (default 0.5; the paper's
             range: a larger step overshoots the class mean) or a
-            `keras.optimizers.schedules.LearningRateSchedule`.
-        loss_weight: lambda, the weight of `L_C` in the model's loss.
-            Default 0.01.
+            `keras.optimizers.schedules.LearningRateSchedule`. With
+            `centers_trainable=True` a learning-rate multiplier: any float
+            `> 0` (centers at lr 0.5 beside a model at lr 0.05: `alpha=10`).
+        loss_weight: lambda, the weight of `L_C` in the model's loss, a
+            float >= 0. Default 0.01.
         centers_initializer: initializer of the `(num_classes, D)` centers;
             default Kaiming-normal as the report's code (untruncated normal with std
             `sqrt(2 / num_classes)`).
@@ -184,39 +186,36 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         # dtype.
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
-        if int(num_classes) != num_classes or num_classes < 1:
-            raise ValueError(
-                "Argument `num_classes` must be an integer >= 1; received "
-                f"num_classes={num_classes!r}."
-            )
-        if feat_dim is not None and (int(feat_dim) != feat_dim or feat_dim < 1):
-            raise ValueError(
-                "Argument `feat_dim` must be an integer >= 1 or None; received "
-                f"feat_dim={feat_dim!r}."
+        num_classes = _validation.integer("num_classes", num_classes, 1)
+        if feat_dim is not None:
+            feat_dim = _validation.integer(
+                "feat_dim", feat_dim, 1, "an integer >= 1 or None"
             )
         if isinstance(alpha, dict):
             alpha = keras.optimizers.schedules.deserialize(alpha)
         if not isinstance(
             alpha, keras.optimizers.schedules.LearningRateSchedule
         ):
-            if (
-                isinstance(alpha, bool)
-                or not isinstance(alpha, (int, float))
-                or not 0 < alpha <= 1
-            ):
-                raise ValueError(
-                    "Argument `alpha` must be a float in (0, 1] or a "
-                    "`keras.optimizers.schedules.LearningRateSchedule`; "
-                    f"received alpha={alpha!r}."
-                )
-            alpha = float(alpha)
-        self.num_classes = int(num_classes)
+            if centers_trainable:  # a multiplier of the optimizer's rate
+                wanted, valid = "a float > 0", lambda v: v > 0
+            else:  # the layer's own step: a larger one overshoots
+                wanted, valid = "a float in (0, 1]", lambda v: 0 < v <= 1
+            alpha = _validation.real(
+                "alpha",
+                alpha,
+                f"{wanted} (with centers_trainable={bool(centers_trainable)}) "
+                "or a `keras.optimizers.schedules.LearningRateSchedule`",
+                valid,
+            )
+        self.num_classes = num_classes
         self.alpha = alpha
-        self.loss_weight = float(loss_weight)
+        self.loss_weight = _validation.real(
+            "loss_weight", loss_weight, "a float >= 0", lambda v: v >= 0
+        )
         self.centers_initializer = keras.initializers.get(
             centers_initializer or _report_initializer()
         )
-        self.feat_dim = None if feat_dim is None else int(feat_dim)
+        self.feat_dim = feat_dim
         self.centers_trainable = bool(centers_trainable)
         self.normalizer = normalizers.get(
             normalizers.GlobalCount() if normalizer is None else normalizer
@@ -311,9 +310,11 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         # sqrt(valid samples - B) is 0, or the root of a negative number.
         poison = ops.sqrt(ops.sum(valid) - local_batch)
 
+        # In a step run as slices the model divides the batch's sum once,
+        # frozen layer or not; only a trainable layer moves its centers.
+        in_slices = bool(training) and self.micro_batches is not None
         training = bool(training) and self.trainable
         numerator = self.loss_weight * local_sum + poison
-        in_slices = training and self.micro_batches is not None
         if in_slices:  # the model divides the batch's sum once
             losses = [numerator]
         else:

@@ -5,6 +5,7 @@ import re
 
 import keras
 
+from keras_batchfix import _validation
 from keras_batchfix.normalized_loss import NormalizedLoss
 
 
@@ -35,11 +36,24 @@ class Compensated(NormalizedLoss):
         self.loss = loss
         self.count = count
 
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        _validation.check_sample_weight(self.name, sample_weight, y_pred)
+        return super().__call__(y_true, y_pred, sample_weight)
+
     def numerator_and_count(self, y_true, y_pred):
         if isinstance(self.loss, keras.losses.Loss):
             values = self.loss.call(y_true, y_pred)  # unreduced values
         else:
             values = self.loss(y_true, y_pred)
+        independent = _independent_of(values, y_pred)
+        if independent:
+            raise ValueError(
+                f"The loss {self.name!r} returned {independent}, which does not "
+                "depend on `y_pred`: it has no gradient, and training would "
+                "move no weight (TensorFlow says \"No gradients provided\", "
+                "torch raises from autograd, JAX would train on silently). "
+                "Return values computed from `y_pred` with `keras.ops`."
+            )
         if self.count is None:
             return values, None
         count = self.count(y_true, y_pred)
@@ -64,6 +78,55 @@ class Compensated(NormalizedLoss):
         for key in ("loss", "count"):  # the normalizer: `normalizers.get`
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
+
+
+def _independent_of(values, y_pred):
+    """Why `values` cannot depend on `y_pred`, or "" when they may.
+
+    Cheap checks only, never a host round-trip:
+
+    * a Python or NumPy value (not a tensor) computed from tensor inputs
+      (`lambda y_true, y_pred: 0.5`): every backend, every call;
+    * in a training step only (where a gradient is taken): on JAX, values
+      that are not traced along with `y_pred` by the differentiation (a
+      constant, or a function of `y_true` alone); on torch, values that do
+      not require grad while `y_pred` does. TensorFlow's own "No gradients
+      provided" covers it there.
+    """
+    if values is None or isinstance(values, (str, bytes)):
+        return ""  # `NormalizedLoss` names these
+    if not keras.ops.is_tensor(y_pred):
+        return ""
+    if not keras.ops.is_tensor(values):
+        return f"a constant ({values!r})"
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        trace = getattr(y_pred, "_trace", None)  # JAX's tracers since 0.4.36
+        if (
+            isinstance(y_pred, jax.core.Tracer)
+            and trace is not None
+            and type(trace).__name__ != "DynamicJaxprTrace"  # jit, not grad
+            and getattr(values, "_trace", None) is not trace
+        ):
+            return (
+                "values outside the gradient's trace of `y_pred` (a constant "
+                "or a function of `y_true` alone)"
+            )
+    elif backend == "torch":
+        import torch
+
+        if (
+            torch.is_grad_enabled()
+            and getattr(y_pred, "requires_grad", False)
+            and not getattr(values, "requires_grad", True)
+        ):
+            return (
+                "values that do not require grad (a constant or a function "
+                "of `y_true` alone)"
+            )
+    return ""
 
 
 def _name_of(loss):
@@ -104,6 +167,15 @@ def compensate(loss, count=None, normalizer=None, name=None):
         normalizer: how `count` becomes the divisor (only with `count`); see
             `keras_batchfix.LocalCount` (the default) and `GlobalCount`.
         name: name of the loss; default `"compensated_" + loss name`.
+
+    A loss whose values cannot depend on `y_pred` raises a `ValueError`
+    (it has no gradient): one that returns a Python or NumPy value
+    (`lambda y_true, y_pred: 0.5`) at every call on every backend; one that
+    returns a constant tensor or a function of `y_true` alone, in training
+    steps on JAX (which would otherwise train on silently, moving no weight)
+    and torch. TensorFlow's `fit` reports those itself when no other loss
+    has a gradient ("No gradients provided"). Only cheap checks are made (types, JAX's tracing, torch's
+    `requires_grad`), never a host round-trip.
 
     Returns:
         A `keras.losses.Loss` to pass to `model.compile(loss=...)`. A loss of

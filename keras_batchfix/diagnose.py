@@ -26,8 +26,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_batchfix import _split_weights, normalizers, replicas
+from keras_batchfix import _split_weights, _validation, normalizers, replicas
 from keras_batchfix._keras_compat import compile_loss
+from keras_batchfix._keras_compat import print_msg
 from keras_batchfix.normalized_loss import NormalizedLoss, _as_values, weighted_sum
 
 MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
@@ -42,6 +43,7 @@ FIXES = {
     "accumulation": "micro_batches",
     "local_count": "global_count",
     "other": "unknown",
+    "non_finite": "unknown",
 }
 
 #: How the micro-batches of gradient accumulation are combined.
@@ -51,7 +53,7 @@ MICRO_BATCHES = "micro_batches"  # `compile(micro_batches=k)`: summed, divided o
 
 @dataclasses.dataclass
 class Diagnosis:
-    """What `diagnose` found. `str(diagnosis)` is the printed report.
+    """What `diagnose` found. `str(diagnosis)` is the report (`print(result)`).
 
     Attributes:
         verdict: `"invariant"`, `"inverse_batch_size"` (the loss goes as
@@ -59,8 +61,11 @@ class Diagnosis:
             (batch-size invariant, but a replica split scales it),
             `"replica_split"` (a split with unequal counts reweighs the
             samples), `"accumulation"` (gradient accumulation reweighs them),
-            `"local_count"` (both: each part divides by its own count) or
-            `"other"` (an exponent that is none of -1, 0, +1).
+            `"local_count"` (both: each part divides by its own count),
+            `"other"` (an exponent that is none of -1, 0, +1) or
+            `"non_finite"` (the loss is NaN or infinite on the samples, so
+            nothing could be measured; the advice counts the non-finite
+            entries of the inputs).
         fix: `"none"`, `"compensate"`, `"reduction"`, `"global_count"`,
             `"micro_batches"` or `"unknown"`.
         advice: the fix in words (what to change in your code).
@@ -215,7 +220,7 @@ def diagnose(
     repeats=(1, 2, 4),
     num_replicas=2,
     tolerance=0.1,
-    verbose=True,
+    verbose=0,
     accumulation_steps=2,
 ):
     """Finds out whether (and how) a loss's scale depends on the batch and its splits.
@@ -266,7 +271,8 @@ def diagnose(
         num_replicas: replicas of the split checks (>= 2).
         tolerance: how far from -1, 0 or +1 an exponent (and from 1 a replica
             ratio or a factor, relatively) may be to count as that value.
-        verbose: print the report.
+        verbose: 0 (default) prints nothing, 1 prints the report. Either
+            way `print(result)` shows it.
         accumulation_steps: micro-batches of the accumulation check (>= 2).
 
     Returns:
@@ -288,6 +294,7 @@ def diagnose(
     result.accumulation_factor  # e.g. 2.5: micro-batches with few positives weigh more
     ```
     """
+    _check_verbose(verbose)
     y_true = _as_array(y_true, "y_true")
     y_pred = _as_array(y_pred, "y_pred")
     n = y_true.shape[0]
@@ -302,17 +309,11 @@ def diagnose(
         )
     if sample_weight is not None:
         sample_weight = _as_array(sample_weight, "sample_weight")
-    repeats = sorted({int(k) for k in repeats})
-    if len(repeats) < 2 or repeats[0] < 1:
-        raise ValueError(
-            "Argument `repeats` needs two or more factors >= 1; received "
-            f"{repeats!r}."
-        )
-    if int(num_replicas) < 2:
-        raise ValueError(
-            f"Argument `num_replicas` must be >= 2; received {num_replicas!r}."
-        )
-    num_replicas = int(num_replicas)
+    repeats = _repeats(repeats)
+    num_replicas = _validation.integer("num_replicas", num_replicas, 2)
+    tolerance = _validation.real(
+        "tolerance", tolerance, "a float > 0", lambda v: v > 0
+    )
     accumulation_steps = _check_steps(accumulation_steps)
 
     steady_state = isinstance(loss, NormalizedLoss) and normalizers.stateful(
@@ -325,6 +326,9 @@ def diagnose(
     loss_name = getattr(loss_obj, "name", None) or getattr(
         loss, "__name__", repr(loss)
     )
+    # The values before Keras reduces them: first, so that a loss returning
+    # no numbers is named (not a conversion error deep in Keras).
+    raw = _raw_values(loss_obj, loss_name, y_true, y_pred)
 
     fast = compiled.compiled()
 
@@ -361,10 +365,6 @@ def diagnose(
     exponent_sub = _slope([b for b, _ in subbatches], [v for _, v in subbatches])
 
     # 3. Return shape (before Keras reduces it).
-    raw = loss_obj.call(
-        ops.convert_to_tensor(y_true, dtype=loss_obj.dtype),
-        ops.convert_to_tensor(y_pred, dtype=loss_obj.dtype),
-    )
     raw_shape = tuple(ops.shape(raw))
     return_shape = tuple(
         "B" if (i == 0 and d == n) else int(d) for i, d in enumerate(raw_shape)
@@ -465,15 +465,22 @@ def diagnose(
         if math.isnan(value):
             notes.append(f"the {name} factor could not be measured (a zero loss?).")
 
-    verdict = _classify(
-        exponent, replica_ratio, num_replicas, tolerance, unequal, accumulation
-    )
-    advice = _advice(
-        verdict, exponent, raw_shape, loss_obj, num_replicas,
-        unequal=unequal, accumulation=accumulation,
-        accumulation_mode=accumulation_mode, steps=len(acc_parts),
-        keras_factor=keras_factor, tolerance=tolerance,
-    )
+    non_finite = [b for _, b, value in repetitions if not math.isfinite(value)]
+    if non_finite:
+        verdict = "non_finite"
+        advice = _non_finite_advice(
+            loss_name, non_finite, y_true, y_pred, sample_weight
+        )
+    else:
+        verdict = _classify(
+            exponent, replica_ratio, num_replicas, tolerance, unequal, accumulation
+        )
+        advice = _advice(
+            verdict, exponent, raw_shape, loss_obj, num_replicas,
+            unequal=unequal, accumulation=accumulation,
+            accumulation_mode=accumulation_mode, steps=len(acc_parts),
+            keras_factor=keras_factor, tolerance=tolerance,
+        )
     result = Diagnosis(
         verdict=verdict,
         fix=FIXES[verdict],
@@ -499,19 +506,13 @@ def diagnose(
         probes=probes,
     )
     if verbose:
-        print(result)
+        print_msg(str(result))
     return result
 
 
 def _check_steps(accumulation_steps):
-    if isinstance(accumulation_steps, bool) or not isinstance(
-        accumulation_steps, (int, np.integer)
-    ) or accumulation_steps < 2:
-        raise ValueError(
-            "Argument `accumulation_steps` must be an integer >= 2; received "
-            f"accumulation_steps={accumulation_steps!r}."
-        )
-    return int(accumulation_steps)
+    """`accumulation_steps` as an int; a named error unless an integer >= 2."""
+    return _validation.integer("accumulation_steps", accumulation_steps, 2)
 
 
 class _Probe:
@@ -647,6 +648,75 @@ def _micro_batches_loss(loss):
 
     fast = _jitted(value)
     return lambda parts: float(fast(parts))
+
+
+def _check_verbose(verbose):
+    if verbose not in (0, 1):
+        raise ValueError(f"Argument `verbose` must be 0 or 1; received {verbose!r}.")
+
+
+def _repeats(repeats):
+    """The sorted distinct tiling factors; a named error unless two or more >= 1."""
+    try:
+        factors = sorted({_validation.integer("repeats", k, 1) for k in repeats})
+    except (TypeError, ValueError):
+        factors = []
+    if len(factors) < 2:
+        raise ValueError(
+            "Argument `repeats` must be two or more distinct integers >= 1 "
+            f"(tiling factors, e.g. (1, 2, 4)); received repeats={repeats!r}."
+        )
+    return factors
+
+
+def _raw_values(loss_obj, loss_name, y_true, y_pred):
+    """The loss's unreduced values on the batch; a `ValueError` naming the
+    loss if they are not numbers (`None`, a string, ...)."""
+    raw = loss_obj.call(
+        ops.convert_to_tensor(y_true, dtype=loss_obj.dtype),
+        ops.convert_to_tensor(y_pred, dtype=loss_obj.dtype),
+    )
+    problem = None
+    if raw is None or isinstance(raw, (str, bytes)):
+        problem = f"it returned {raw!r}"
+    else:
+        try:
+            raw = ops.convert_to_tensor(raw)
+        except (TypeError, ValueError) as error:
+            problem = f"it returned a {type(raw).__name__} ({error})"
+        else:
+            dtype = keras.backend.standardize_dtype(raw.dtype)
+            if "float" not in dtype and "int" not in dtype:
+                problem = f"it returned values of dtype {dtype}"
+    if problem is not None:
+        raise ValueError(
+            f"Loss {str(loss_name)!r} must return numeric loss values (a tensor "
+            f"of shape (batch_size,), (batch_size, ...) or ()); {problem}."
+        )
+    return raw
+
+
+def _non_finite_advice(loss_name, batch_sizes, y_true, y_pred, sample_weight):
+    """What `diagnose` says when the loss is NaN or infinite."""
+    counts = []
+    for name, array in (
+        ("y_true", y_true), ("y_pred", y_pred), ("sample_weight", sample_weight)
+    ):
+        if array is None or array.dtype.kind not in "fc":
+            continue
+        bad = int(np.sum(~np.isfinite(array)))
+        if bad:
+            counts.append(f"{name} {bad} of {array.size}")
+    if counts:
+        inputs = "The inputs hold NaN or infinite entries: " + ", ".join(counts)
+    else:
+        inputs = "The inputs are finite: the loss itself makes the NaN or infinity"
+    sizes = ", ".join(str(b) for b in batch_sizes)
+    return (
+        f"The loss {loss_name!r} is NaN or infinite (at B={sizes}): its batch-size "
+        f"scaling cannot be measured. {inputs}. Fix the inputs (or the loss: a "
+        "log of 0, a division by a zero count), then diagnose again."
+    )
 
 
 def _as_array(x, name):

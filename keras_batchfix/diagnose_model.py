@@ -33,12 +33,15 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_batchfix import _keras_compat, _split_weights, accumulation, replicas
+from keras_batchfix import _keras_compat, _split_weights, _validation, accumulation, replicas
+from keras_batchfix._keras_compat import print_msg
 from keras_batchfix.diagnose import (
     KERAS_ACCUMULATION,
     MICRO_BATCHES,
     _check_steps,
+    _check_verbose,
     _fmt,
+    _repeats,
     _slope,
     diagnose,
     exact_splits,
@@ -62,6 +65,11 @@ ADVICE = {
         "twice. Wrap the self-normalizing loss in keras_batchfix.compensate."
     ),
     "other": "The loss depends on the batch or the split in another way.",
+    "non_finite": (
+        "The model's loss is NaN or infinite on this batch: its scaling cannot "
+        "be measured. Check the inputs and the loss for NaN, inf, a log of 0 "
+        "or a division by a zero count, then diagnose again."
+    ),
 }
 
 
@@ -74,9 +82,10 @@ class ModelDiagnosis:
             `"replica_split"` (a replica split with unequal counts reweighs
             the samples), `"accumulation"` (gradient accumulation reweighs
             them), `"local_count"` (both: each replica and each micro-batch
-            divides by its own count) or `"other"` for the total loss; when
-            the total is invariant but a compile-time output's loss is not,
-            that output's `diagnose` verdict.
+            divides by its own count), `"other"` or `"non_finite"` (NaN or
+            infinite) for the total loss; when the total is invariant but a
+            compile-time output's loss is not, that output's `diagnose`
+            verdict.
         advice: the fix in words.
         exponent: `d log(loss) / d log(B)` over repetitions of `(x, y)`.
         replica_factor: sum over the replicas of what each hands Keras,
@@ -149,7 +158,7 @@ class ModelDiagnosis:
 
 def diagnose_model(
     model, x, y=None, repeats=(1, 2, 4), num_replicas=2, tolerance=0.1,
-    verbose=True, accumulation_steps=None,
+    verbose=0, accumulation_steps=None,
 ):
     """Finds out whether a model's training loss depends on the batch or its splits.
 
@@ -178,12 +187,13 @@ def diagnose_model(
         num_replicas: replicas of the split checks (>= 2).
         tolerance: how far an exponent may be from 0 or -1, and a factor
             from 1 or `num_replicas` (relatively), to count as it.
-        verbose: print the report.
+        verbose: 0 (default) prints nothing, 1 prints the report. Either
+            way `print(result)` shows it.
         accumulation_steps: micro-batches of the accumulation check (>= 2);
             default the model's `micro_batches`, else 2.
 
     Returns:
-        A `ModelDiagnosis`.
+        A `ModelDiagnosis` (`str()` of it is the report).
 
     Example:
 
@@ -195,16 +205,14 @@ def diagnose_model(
     result.verdict          # "local_count": replicas and micro-batches divide by their own tokens
     ```
     """
+    _check_verbose(verbose)
     if not getattr(model, "compiled", False):
         raise ValueError(
             "Argument `model` must be compiled: call `model.compile(...)` "
             "before `diagnose_model`."
         )
-    if int(num_replicas) < 2:
-        raise ValueError(
-            f"Argument `num_replicas` must be >= 2; received {num_replicas!r}."
-        )
-    num_replicas = int(num_replicas)
+    num_replicas = _validation.integer("num_replicas", num_replicas, 2)
+    repeats = _repeats(repeats)
     micro_batches = getattr(model, "micro_batches", None)
     if accumulation_steps is None:
         accumulation_steps = micro_batches or 2
@@ -231,7 +239,6 @@ def diagnose_model(
             lambda a: np.concatenate([a] * k, axis=0), (x, y)
         )
 
-    repeats = sorted({int(k) for k in repeats})
     repetitions = [(n * k, probe.one_pass(*tiled(k))) for k in repeats]
     exponent = _slope([b for b, _ in repetitions], [v for _, v in repetitions])
     single = probe.one_pass(x, y)
@@ -273,7 +280,9 @@ def diagnose_model(
         acc_index, acc_parts, accumulated
     )
 
-    if abs(exponent) <= tolerance and abs(factor - 1) <= tolerance:
+    if not all(np.isfinite([v for _, v in repetitions] + [single])):
+        verdict = "non_finite"
+    elif abs(exponent) <= tolerance and abs(factor - 1) <= tolerance:
         verdict = split_verdict(unequal, accumulation_factor, tolerance)
     elif abs(exponent) <= tolerance and abs(factor / num_replicas - 1) <= tolerance:
         verdict = "replica_sum"
@@ -304,7 +313,7 @@ def diagnose_model(
         probes={"replicas": replica_probe, "accumulation": accumulation_probe},
     )
     if verbose:
-        print(result)
+        print_msg(str(result))
     return result
 
 
@@ -644,6 +653,6 @@ def _output_diagnoses(model, x, y, repeats, num_replicas, tolerance, steps):
             results[name] = diagnose(
                 loss, y[name], ops.convert_to_numpy(y_pred[name]),
                 repeats=repeats, num_replicas=num_replicas,
-                tolerance=tolerance, verbose=False, accumulation_steps=steps,
+                tolerance=tolerance, accumulation_steps=steps,
             )
     return results

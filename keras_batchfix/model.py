@@ -48,6 +48,14 @@ class NormalizerUpdates:
 
     def compile(self, *args, micro_batches=None, **kwargs):
         micro_batches = accumulation.check_micro_batches(micro_batches)
+        owner = _custom_compute_loss(type(self))
+        if micro_batches and owner is not None:
+            raise ValueError(
+                "Argument `micro_batches` runs the compiled loss (and `CenterLoss`) "
+                f"on each slice, but {owner.__name__} overrides `compute_loss`, "
+                "which the slices would skip. Compile its losses instead, or "
+                "train without `micro_batches`."
+            )
         layers = accumulation.center_loss_layers(self)
         for layer in layers if micro_batches else ():
             if layer.centers_trainable:
@@ -74,9 +82,19 @@ class NormalizerUpdates:
             self.optimizer.build(self.trainable_variables)  # its variables
 
     def train_step(self, *args):
-        if not self.micro_batches:
-            return super().train_step(*args)
-        return accumulation.train_step(self, *args)
+        if self.micro_batches:
+            return accumulation.train_step(self, *args)
+        self._normalizers_updated = False  # set by compute_loss (a trace-time check)
+        logs = super().train_step(*args)
+        if self.stateful_normalizers and not self._normalizers_updated:
+            raise ValueError(
+                f"{_compute_loss_owner(type(self)).__name__}.compute_loss does "
+                "not call `super().compute_loss(..., training=training)`, so "
+                "the stateful normalizers "
+                f"{self.stateful_normalizers} never move. Call it, or step "
+                "them yourself with `normalizer.update()` after the loss."
+            )
+        return logs
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -88,6 +106,7 @@ class NormalizerUpdates:
         if training:
             for normalizer in self.stateful_normalizers:
                 normalizer.update()
+            self._normalizers_updated = True
         return loss
 
     @property
@@ -115,6 +134,25 @@ class NormalizerUpdates:
             if not any(normalizer is metric for metric in metrics):
                 metrics.append(normalizer)
         return metrics
+
+
+def _custom_compute_loss(cls):
+    """The first class, not Keras's nor the mixin, that defines `compute_loss`."""
+    for klass in cls.__mro__:
+        if klass is not NormalizerUpdates and "compute_loss" in vars(klass) \
+                and not klass.__module__.startswith("keras."):
+            return klass
+    return None
+
+
+def _compute_loss_owner(cls):
+    """The class before the mixin whose `compute_loss` hides the mixin's, or None."""
+    for klass in cls.__mro__:
+        if klass is NormalizerUpdates:
+            return None
+        if "compute_loss" in vars(klass):
+            return klass
+    return None
 
 
 @keras.saving.register_keras_serializable(package="keras_batchfix")

@@ -22,7 +22,7 @@ step's loss (see `keras_batchfix.Model`).
 import keras
 from keras import ops
 
-from keras_batchfix import replicas
+from keras_batchfix import _validation, replicas
 
 
 def _float_count(count):
@@ -190,24 +190,16 @@ class EMACount(keras.metrics.Metric):
     is_global = True
 
     def __init__(self, momentum=0.9, initial_value=None, name="ema_count"):
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
-                or not 0 <= momentum < 1:
-            raise ValueError(
-                "Argument `momentum` must be a float in [0, 1); received "
-                f"momentum={momentum!r}."
-            )
-        if initial_value is not None and (
-            isinstance(initial_value, bool)
-            or not isinstance(initial_value, (int, float))
-            or not initial_value > 0
-        ):
-            raise ValueError(
-                "Argument `initial_value` must be a float > 0 or None; "
-                f"received initial_value={initial_value!r}."
+        momentum = _validation.real(
+            "momentum", momentum, "a float in [0, 1)", lambda v: 0 <= v < 1
+        )
+        if initial_value is not None:
+            initial_value = _validation.real(
+                "initial_value", initial_value, "a float > 0 or None", lambda v: v > 0
             )
         super().__init__(name=name, dtype="float32")
-        self.momentum = float(momentum)
-        self.initial_value = None if initial_value is None else float(initial_value)
+        self.momentum = momentum
+        self.initial_value = initial_value
         # 0 marks "no training step yet" (an EMA of max(1, count) is >= 1).
         # Every replica computes the same values from the global count.
         self.ema = self.add_variable(

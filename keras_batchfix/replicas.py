@@ -141,6 +141,28 @@ def global_sum(value):
     return context.all_reduce("SUM", value)
 
 
+def check_equal_over_processes(value, what):
+    """Raises on every torch process unless all hold the same integer `value`.
+
+    One collective (a max of `value` and `-value`); nothing outside a torch
+    process group. `what` names the value in the error.
+    """
+    dist = _torch_process_group()
+    if dist is None:
+        return
+    import torch
+
+    both = torch.tensor([value, -value], dtype=torch.int64)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    high, low = int(both[0]), -int(both[1])
+    if high != low:
+        raise ValueError(
+            f"The processes disagree on {what}: from {low} to {high} (this "
+            f"process: {value}). Each process must run the same number of "
+            "gradient all-reduces in a step."
+        )
+
+
 def keras_factor(route):
     """What a replica's share is multiplied by before it is handed to Keras.
 

@@ -54,10 +54,28 @@ Example:
 """
 
 import dataclasses
+import importlib.util
 import math
+import os
 import warnings
 
 import numpy as np
+
+
+def _load_validation():
+    """`keras_batchfix._validation`, loaded by its path, not through the package.
+
+    This module imports no Keras: `benchmarks/spike_detection.py` loads it
+    by path alone, and so it loads its sibling.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_validation.py")
+    spec = importlib.util.spec_from_file_location("keras_batchfix_validation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_validation = _load_validation()
 
 #: z of a two-sided 95% confidence interval.
 Z95 = 1.959964
@@ -97,23 +115,24 @@ class DetectorConfig:
     lr_rtol: float = 0.05
 
     def __post_init__(self):
+        # (name, minimum, whether the minimum itself is allowed); the
+        # windows and `lookback` are integers. Stored as plain floats and ints.
         checks = (
-            ("threshold", self.threshold > 0, "> 0"),
-            ("half_window", int(self.half_window) >= 1, "an integer >= 1"),
-            ("scale_window", int(self.scale_window) >= 1, "an integer >= 1"),
-            ("min_scale", self.min_scale > 0, "> 0"),
-            ("exponent_z", self.exponent_z > 0, "> 0"),
-            ("min_exponent", self.min_exponent >= 0, ">= 0"),
-            ("min_ratio", self.min_ratio >= 1, ">= 1"),
-            ("lookback", int(self.lookback) >= 0, "an integer >= 0"),
-            ("lr_rtol", self.lr_rtol >= 0, ">= 0"),
+            ("threshold", 0, False), ("half_window", 1, True),
+            ("scale_window", 1, True), ("min_scale", 0, False),
+            ("exponent_z", 0, False), ("min_exponent", 0, True),
+            ("min_ratio", 1, True), ("lookback", 0, True), ("lr_rtol", 0, True),
         )
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(
-                    f"Argument `{name}` must be {expected}; received "
-                    f"{getattr(self, name)!r}."
+        for name, low, inclusive in checks:
+            value = getattr(self, name)
+            if name in ("half_window", "scale_window", "lookback"):
+                value = _validation.integer(name, value, low)
+            else:
+                value = _validation.real(
+                    name, value, f"a number {'>=' if inclusive else '>'} {low}",
+                    (lambda v: v >= low) if inclusive else (lambda v: v > low),
                 )
+            object.__setattr__(self, name, value)  # (the dataclass is frozen)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """`SpikeMonitor`: the loss of every training step, and why it spiked."""
 
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -31,14 +32,17 @@ class SpikeMonitor(keras.callbacks.Callback):
     significantly inflates. Causes: `"short_batch"`, `"after_short_batch"`,
     `"lr_change"`, `"grad_norm"`, `"unknown"`. It prints a summary (with the
     exponent, e.g. "B^-1.00 ± 0.05: divided by the batch size twice") and
-    writes into `log_dir`: `steps.csv`, `steps.png` (the `plots` extra) and,
-    with `tensorboard=True`, scalars under `log_dir/tensorboard` (through
-    `tf.summary`; needs TensorFlow). See `docs/spike_monitor.md`.
+    writes into `log_dir`: `steps.csv`, `steps.png` (needs matplotlib, the
+    `plots` extra) and, with `tensorboard=True`, scalars under
+    `log_dir/tensorboard` (through `tf.summary`; needs TensorFlow). See
+    `docs/spike_monitor.md`.
 
     Args:
         log_dir: folder for the outputs, created and checked in
             `on_train_begin`; `None` writes nothing.
-        plot: write `steps.png` (when `log_dir` is set).
+        plot: write `steps.png` (when `log_dir` is set). `None` (default):
+            when matplotlib is installed. `True` without matplotlib writes
+            everything else and warns.
         tensorboard: write TensorBoard scalars (when `log_dir` is set).
         verbose: 1 prints the summary at the end of `fit`, 0 is silent.
         recorder: a `spike_recording.StepRecorder`; default `LogsRecorder()`.
@@ -59,20 +63,29 @@ class SpikeMonitor(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, log_dir=None, plot=True, tensorboard=False, verbose=1, recorder=None,
+    def __init__(self, log_dir=None, plot=None, tensorboard=False, verbose=1, recorder=None,
                  **detector):
         super().__init__()
         if verbose not in (0, 1):
-            raise ValueError(f"Argument `verbose` must be 0 or 1; received {verbose!r}.")
+            raise ValueError(
+                f"Argument `verbose` must be 0 or 1; received verbose={verbose!r}."
+            )
+        if log_dir is not None and not isinstance(log_dir, (str, bytes, os.PathLike)):
+            raise ValueError(
+                "Argument `log_dir` must be a folder path (a str or os.PathLike) or "
+                f"None; received log_dir={log_dir!r}."
+            )
         self.config = spike_analysis.DetectorConfig(**detector)
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
-        self.plot = bool(plot)
+        self.plot = None if plot is None else bool(plot)
         self.tensorboard = bool(tensorboard)
         self.verbose = verbose
         self.recorder = LogsRecorder() if recorder is None else recorder
         # The batch-end hook only stores floats: Keras may run it in a worker
         # thread and need not wait for each step's logs.
         self.async_safe = True
+        self._plotting = False
+        self._plot_warned = False
         self._epochs = []
         self.steps = self._table([])
         self.spikes = []
@@ -81,7 +94,8 @@ class SpikeMonitor(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         if self.log_dir is not None:
             spike_report.check_log_dir(self.log_dir)
-            spike_report.require(self.plot, self.tensorboard)
+            spike_report.require(self.tensorboard)
+        self._plotting = self.log_dir is not None and self._can_plot()
         self._epochs = []
         self.recorder.start(self)
         if getattr(self.recorder, "steps_per_execution", 1) > 1 and self.verbose:
@@ -106,13 +120,29 @@ class SpikeMonitor(keras.callbacks.Callback):
         self.analyze()
         if self.log_dir is not None:
             spike_report.write_csv(os.path.join(self.log_dir, "steps.csv"), self.steps)
-            if self.plot:
+            if self._plotting:
                 spike_report.write_plot(os.path.join(self.log_dir, "steps.png"), self.steps)
             if self.tensorboard:
                 folder = os.path.join(self.log_dir, "tensorboard")
                 spike_report.write_tensorboard(folder, self.steps)
         if self.verbose:
             print_msg(spike_report.summary(self.steps, self.report, self.log_dir))
+
+    def _can_plot(self):
+        """Whether `steps.png` is written: `plot`, and matplotlib installed."""
+        if self.plot is False:
+            return False
+        if spike_report.can_plot():
+            return True
+        if self.plot and not self._plot_warned:
+            self._plot_warned = True
+            warnings.warn(
+                "SpikeMonitor(plot=True): matplotlib is not installed, so steps.png "
+                "is not written (the other outputs are). `pip install "
+                "keras-batchfix[plots]` adds it; plot=False silences this warning.",
+                stacklevel=2,
+            )
+        return False
 
     def analyze(self):
         """Flags and attributes the spikes of the epochs recorded so far.

@@ -3,8 +3,9 @@
 `steps` is a dict of 1-D NumPy arrays, one entry per column of `COLUMNS`,
 one value per recorded step. Nothing here imports Keras; matplotlib (the
 `plots` extra) and TensorFlow (the `tensorflow` extra, for TensorBoard
-through the public `tf.summary` API) are imported only when asked for, and
-`require` checks them before training so that a missing one fails early.
+through the public `tf.summary` API) are imported only when asked for:
+`can_plot` tells whether matplotlib is there, and `require` checks
+TensorFlow before training so that a missing one fails early.
 
 Example:
 
@@ -44,12 +45,19 @@ def check_log_dir(log_dir):
         ) from error
 
 
-def require(plot, tensorboard):
-    """Imports what `plot` and `tensorboard` need now, with an error naming the extra."""
-    if plot:
-        _pyplot_figure()
+def require(tensorboard):
+    """Imports what `tensorboard` needs now, with an error naming the extra."""
     if tensorboard:
         _tensorflow()
+
+
+def can_plot():
+    """Whether matplotlib (the `plots` extra) can be imported for `write_plot`."""
+    try:
+        _pyplot_figure()
+    except ImportError:
+        return False
+    return True
 
 
 def _pyplot_figure():
@@ -101,13 +109,33 @@ def summary(steps, report, log_dir=None):
     """
     n = len(steps["loss"])
     spikes = np.nonzero(steps["spike"])[0]
-    lines = [f"SpikeMonitor: {n} steps, {spikes.size} spikes"]
+    losses = np.asarray(steps["loss"], dtype="float64")
+    non_finite = np.nonzero(~np.isfinite(losses))[0]
+    with np.errstate(invalid="ignore"):
+        non_positive = np.nonzero(losses <= 0)[0]
+    headline = f"SpikeMonitor: {n} steps"
+    if non_finite.size:
+        headline += f" ({non_finite.size} with a NaN or infinite loss)"
+    lines = [f"{headline}, {spikes.size} spikes"]
+    if non_finite.size:
+        first = non_finite[0]
+        lines.append(
+            f"  NaN or infinite loss: {non_finite.size} steps, at steps "
+            f"{_steps_text(steps, non_finite)} (first: epoch {_plain(steps['epoch'][first])}, "
+            f"batch {_plain(steps['batch'][first])}); not scored. Keras's running mean "
+            "stays NaN for the rest of an epoch after a NaN batch; "
+            "keras.callbacks.TerminateOnNaN stops fit at the first."
+        )
+    if non_positive.size:
+        lines.append(
+            f"  loss <= 0: {non_positive.size} steps, at steps "
+            f"{_steps_text(steps, non_positive)}; not scored (the detector works on log(loss))."
+        )
     by_cause = {}
     for t in spikes:
         by_cause.setdefault(steps["cause"][t], []).append(int(steps["step"][t]))
     for cause, where in sorted(by_cause.items()):
-        shown = ", ".join(map(str, where[:8])) + (", ..." if len(where) > 8 else "")
-        lines.append(f"  {cause}: {len(where)} at steps {shown}")
+        lines.append(f"  {cause}: {len(where)} at steps {_shown(where)}")
     with np.errstate(invalid="ignore"):
         short = steps["batch_size"] < report.usual_batch_size
     if np.any(short):
@@ -119,6 +147,15 @@ def summary(steps, report, log_dir=None):
     if log_dir is not None:
         lines.append(f"  written to {log_dir}")
     return "\n".join(lines)
+
+
+def _shown(where):
+    """At most 8 step numbers, then "...": "6, 13, 20"."""
+    return ", ".join(map(str, where[:8])) + (", ..." if len(where) > 8 else "")
+
+
+def _steps_text(steps, indices):
+    return _shown([int(steps["step"][t]) for t in indices])
 
 
 def write_csv(path, steps):

@@ -1,9 +1,12 @@
 """SSD multibox loss, normalized by the batch's positives at every batch size."""
 
+import warnings
+
 import keras
 from keras import ops
 
-from keras_batchfix import kernels
+from keras_batchfix import _validation, kernels
+from keras_batchfix.center_loss import _is_concrete
 from keras_batchfix.normalized_loss import NormalizedLoss
 
 MINING_MODES = ("batch", "per_image")
@@ -62,14 +65,26 @@ class SSDMultiboxLoss(NormalizedLoss):
       (logits, most likely: pass `from_logits=True`).
 
     `sample_weight` of shape `(batch,)` scales each image's share of the
-    numerator; it does not change the normalizing count.
+    numerator; it does not change the normalizing count. A `sample_weight`
+    of another length raises a `ValueError` naming both shapes (where the
+    shapes are static: eager calls, JAX and torch).
+
+    An empty batch, `y_pred` of shape `(0, anchors, num_classes + 4)` (or no
+    anchors), gives the loss 0.0 with a zero gradient, on every backend (a
+    replica with no samples of an uneven global batch trains on).
+
+    `from_logits=True` given probabilities (every row of the class scores
+    nonnegative and summing to 1) trains on their softmax, which is well
+    defined but most likely not meant: the loss warns once, on its first
+    call with concrete values (an eager call, torch's `fit`); it cannot
+    check inside a traced step (TensorFlow's or JAX's `fit`).
 
     Args:
         num_classes: number of classes including the background.
-        neg_pos_ratio: hard negatives per positive. Default 3.
+        neg_pos_ratio: hard negatives per positive, a float >= 0. Default 3.
         n_neg_min: the least number of hard negatives (per batch or per image,
-            as the mining mode). Default 0.
-        alpha: weight of the box loss. Default 1.
+            as the mining mode), an integer >= 0. Default 0.
+        alpha: weight of the box loss, a float >= 0. Default 1.
         mining: `"batch"` (default) or `"per_image"`.
         from_logits: whether the class scores are logits (a stable
             log-softmax is applied) rather than softmax probabilities
@@ -99,36 +114,39 @@ class SSDMultiboxLoss(NormalizedLoss):
         name="ssd_multibox_loss",
         dtype=None,
     ):
-        if int(num_classes) != num_classes or num_classes < 2:
-            raise ValueError(
-                "Argument `num_classes` must be an integer >= 2 (background "
-                f"included); received num_classes={num_classes!r}."
-            )
-        if neg_pos_ratio < 0:
-            raise ValueError(
-                "Argument `neg_pos_ratio` must be >= 0; received "
-                f"neg_pos_ratio={neg_pos_ratio!r}."
-            )
-        if n_neg_min < 0 or int(n_neg_min) != n_neg_min:
-            raise ValueError(
-                "Argument `n_neg_min` must be an integer >= 0; received "
-                f"n_neg_min={n_neg_min!r}."
-            )
+        num_classes = _validation.integer(
+            "num_classes", num_classes, 2, "an integer >= 2 (background included)"
+        )
+        neg_pos_ratio = _validation.real(
+            "neg_pos_ratio", neg_pos_ratio, "a float >= 0", lambda v: v >= 0
+        )
+        n_neg_min = _validation.integer("n_neg_min", n_neg_min, 0)
+        alpha = _validation.real("alpha", alpha, "a float >= 0", lambda v: v >= 0)
         if mining not in MINING_MODES:
             raise ValueError(
                 f"Argument `mining` must be one of {MINING_MODES}; received "
                 f"mining={mining!r}."
             )
         super().__init__(normalizer=normalizer, name=name, dtype=dtype)
-        self.num_classes = int(num_classes)
-        self.neg_pos_ratio = float(neg_pos_ratio)
-        self.n_neg_min = int(n_neg_min)
-        self.alpha = float(alpha)
+        self.num_classes = num_classes
+        self.neg_pos_ratio = neg_pos_ratio
+        self.n_neg_min = n_neg_min
+        self.alpha = alpha
         self.mining = mining
         self.from_logits = bool(from_logits)
+        self._checked_logits = False  # see `_warn_if_probabilities`
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        _validation.check_sample_weight(self.name, sample_weight, y_pred)
+        return super().__call__(y_true, y_pred, sample_weight)
 
     def numerator_and_count(self, y_true, y_pred):
         self._check_shapes(y_true, y_pred)
+        if 0 in tuple(y_pred.shape)[:2]:
+            # An empty batch (or no anchors): nothing to mine; 0.0 with a
+            # zero gradient, the same on every backend. The count still goes
+            # through the normalizer (GlobalCount's all-reduce on every rank).
+            return ops.sum(y_pred, axis=(1, 2)) * 0.0, ops.zeros((), "float32")
         n = self.num_classes
         # One split, not two slices: on torch its gradient is one
         # concatenation, where each slice's would be a zero-filled copy.
@@ -138,6 +156,8 @@ class SSDMultiboxLoss(NormalizedLoss):
         # One-hot rows: the sum is 1 for positive and negative anchors, 0
         # for neutral ones, so the positives are the sum less the background.
         target_total = ops.sum(class_targets, axis=-1)
+        if self.from_logits and not self._checked_logits:
+            self._warn_if_probabilities(class_scores)
         if self.from_logits:
             cross_entropy = kernels.softmax_cross_entropy(
                 class_targets, class_scores, target_total
@@ -161,6 +181,30 @@ class SSDMultiboxLoss(NormalizedLoss):
         )
         per_image = per_image + ops.where(invalid, float("nan"), 0.0)
         return per_image, ops.sum(positives)
+
+    def _warn_if_probabilities(self, class_scores):
+        """Warns once if `from_logits=True` is given what look like probabilities.
+
+        Checked on the first call with concrete values only (eager code: a
+        direct call, torch's `fit`), never in a traced step (TensorFlow's or
+        JAX's `fit`), where it would cost a host round-trip every step.
+        """
+        if not _is_concrete(class_scores):
+            return
+        self._checked_logits = True
+        row_sums = ops.sum(class_scores, axis=-1)
+        nonnegative = ops.all(class_scores >= 0.0)
+        normalized = ops.all(ops.abs(row_sums - 1.0) <= 1e-3)
+        if bool(ops.logical_and(nonnegative, normalized)):  # one host sync, once
+            warnings.warn(
+                f"Loss {self.name!r} has from_logits=True, but every row of the "
+                "class scores of `y_pred` is nonnegative and sums to 1: they look "
+                "like probabilities (a softmax output), and the loss applies "
+                "another softmax to them. Pass from_logits=False for "
+                "probabilities, or feed the logits (the layer before the "
+                "softmax).",
+                stacklevel=3,
+            )
 
     def _mine(self, cross_entropy, positives, negatives):
         """0/1 mask of the hard negatives, shape `(batch, anchors)`."""

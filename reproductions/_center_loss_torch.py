@@ -15,7 +15,7 @@ ReLU or PReLU (one slope per activation, 0.25, as `torch.nn.PReLU()`).
 Training, as in the report's code: SGD(lr, momentum 0.9, weight decay on every
 parameter) on cross-entropy + lambda * center loss, the centers stepped by
 their own SGD(lr=alpha) with the report's CenterLoss
-(batchfix_references/torch_center_loss.py); LR x0.5 after 1/3 and
+(keras_batchfix/references/torch_center_loss.py); LR x0.5 after 1/3 and
 x0.1 after 2/3 of the epochs.
 
 Variants (one thing changed at a time against `relu`):
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from batchfix_references.torch_center_loss import TorchCenterLoss
+from keras_batchfix.references.torch_center_loss import TorchCenterLoss
 
 VARIANTS = ("relu", "prelu", "prelu_last", "alpha_sched", "no_bn_wd", "l2norm")
 NUM_CLASSES = 10

@@ -16,7 +16,7 @@ in seven runs that share the initial weights and the batch order:
              set before training to the median gradient norm of the buggy loss
              over the first epoch's full batches at the initial weights
   (f) torch  the same model, loop and batches in PyTorch, with the loss of
-             batchfix_references/torch_multibox.py (sum / max(1, N_pos))
+             keras_batchfix/references/torch_multibox.py (sum / max(1, N_pos))
   (g) control: (f) again from initial weights perturbed by a relative 1e-7
              (float32 rounding), to measure how far two runs drift apart when
              they differ by rounding only; (c) vs (f) is judged against it
@@ -280,7 +280,7 @@ def record_step(rows, plan, step, batch_size, reported, name, start, log):
 def train_torch(model, plan, images, y_true, lr, momentum, name, log):
     import torch
 
-    from batchfix_references.torch_multibox import multibox_loss
+    from keras_batchfix.references.torch_multibox import multibox_loss
 
     torch.manual_seed(0)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -306,7 +306,7 @@ def buggy_grad_norms(model, plan, images, y_true, batch_size):
     import numpy as np
     import torch
 
-    from batchfix_references.torch_multibox import multibox_loss
+    from keras_batchfix.references.torch_multibox import multibox_loss
 
     norms = []
     first_epoch = [idx for epoch, idx in plan if epoch == 0 and len(idx) == batch_size]
@@ -514,7 +514,15 @@ def hardware_name():
         import platform
 
         model = platform.processor() or "CPU"
-    return f"{os.cpu_count()}-core {model} CPU"
+    cpu = f"{os.cpu_count()}-core {model} CPU"
+    try:  # Keras's steps run on the GPU when there is one; (f) and (g) on the CPU
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{cpu}, {torch.cuda.get_device_name(0)} GPU"
+    except Exception:  # pragma: no cover
+        pass
+    return cpu
 
 
 # ----------------------------------------------------------------------------

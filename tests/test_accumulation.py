@@ -277,3 +277,34 @@ def test_trainable_centers_are_an_error():
     model = keras_batchfix.Model([features, labels], out)
     with pytest.raises(ValueError, match="centers_trainable"):
         model.compile("sgd", micro_batches=2)
+
+
+def test_own_compute_loss_is_an_error():
+    class Detector(keras_batchfix.Model):
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                         training=True):
+            return super().compute_loss(x, y, y_pred, sample_weight, training)
+
+    inputs = keras.Input((3,))
+    model = Detector(inputs, keras.layers.Dense(2)(inputs))
+    with pytest.raises(ValueError, match="Detector overrides `compute_loss`"):
+        model.compile("sgd", "mse", micro_batches=2)
+
+
+def test_frozen_center_loss_keeps_its_centers_and_its_loss():
+    cell = ("keras mse", "center")
+    big_model = build_cell(cell, optimizer="adam schedule")
+    sliced_model = build_cell(cell, optimizer="adam schedule", micro_batches=4)
+    from tests.composition import cell_data, cell_inputs
+
+    x, labels, y, _ = cell_data(cell)
+    results = []
+    for model in (big_model, sliced_model):
+        layer = next(l for l in model.layers if isinstance(l, CenterLoss))
+        layer.trainable = False
+        model.compile(optimizer=model.optimizer, loss=model.loss,
+                      micro_batches=model.micro_batches)
+        model.fit(cell_inputs(cell, x, labels), {"boxes": y}, batch_size=8,
+                  epochs=2, shuffle=False, verbose=0)
+        results.append(weights_of(model))
+    assert max_gap(results[1], results[0]) < TOLERANCE

@@ -2,7 +2,7 @@
 
 Run under each backend: `KERAS_BACKEND=jax pytest tests/test_center_loss.py`
 (tensorflow, jax, torch). References are NumPy re-implementations written
-here and the PyTorch port of the report's code in `batchfix_references`.
+here and the PyTorch port of the report's code in `keras_batchfix.references`.
 """
 
 
@@ -321,6 +321,40 @@ def test_trainable_centers_opt_in_get_optimizer_step():
     )
 
 
+def test_trainable_centers_take_alpha_above_one_as_a_learning_rate_multiplier():
+    """Issue 29: the report's set-up, the model at lr 0.05, the centers at 0.5.
+
+    With `centers_trainable=True`, `alpha` multiplies the optimizer's learning
+    rate, so centers at 0.5 beside a model at 0.05 need `alpha=10`: accepted,
+    and each step moves the centers by `0.05 * 10` times the paper's step.
+    """
+    rng = np.random.default_rng(29)
+    n, lr, alpha = 6, 0.05, 10.0
+    x = rng.normal(size=(n, D)).astype("float32")
+    y = np.array([0, 0, 1, 3, 3, 3], "int32")
+    c0 = rng.normal(size=(K, D))
+    layer = CenterLoss(
+        K,
+        alpha=alpha,
+        centers_trainable=True,
+        centers_initializer=keras.initializers.Constant(c0),
+    )
+    assert layer.alpha == 10.0
+    features = keras.Input((D,))
+    labels = keras.Input((), dtype="int32")
+    model = keras.Model([features, labels], layer([features, labels]))
+    model.compile(optimizer=keras.optimizers.SGD(lr))
+    model.fit([x, y], batch_size=n, epochs=2, verbose=0)  # two steps
+    want = numpy_center_step(numpy_center_step(c0, x, y, lr * alpha), x, y, lr * alpha)
+    np.testing.assert_allclose(to_numpy(layer.centers), want, rtol=1e-5, atol=1e-6)
+    # The layer's own step keeps the paper's range.
+    with pytest.raises(ValueError, match=r"`alpha`.*\(0, 1\].*received alpha=10"):
+        CenterLoss(K, alpha=alpha)
+    for bad in (0.0, -1.0, float("inf"), "10"):
+        with pytest.raises(ValueError, match=r"`alpha` must be a float > 0"):
+            CenterLoss(K, alpha=bad, centers_trainable=True)
+
+
 def test_default_initializer_is_seed_kaiming_normal():
     layer = CenterLoss(50)
     layer.build([(None, 400), (None,)])
@@ -383,7 +417,7 @@ def test_save_load_round_trip(tmp_path):
 
 def _torch_parity_setup():
     torch = pytest.importorskip("torch")
-    from batchfix_references.torch_center_loss import TorchCenterLoss
+    from keras_batchfix.references.torch_center_loss import TorchCenterLoss
 
     return torch, TorchCenterLoss
 

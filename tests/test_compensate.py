@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_batchfix import GlobalCount, SSDMultiboxLoss, compensate
 from keras_batchfix.compensate import Compensated
-from batchfix_references.ssd_data import random_batch
+from keras_batchfix.references.ssd_data import random_batch
 from tests.training import batch_loss, fit_dense
 
 NUM_CLASSES = 4

@@ -31,7 +31,7 @@ def batch():
 
 def run(loss, batch, **kwargs):
     y_true, y_pred = batch
-    return keras_batchfix.diagnose(loss, y_true, y_pred, verbose=False, **kwargs)
+    return keras_batchfix.diagnose(loss, y_true, y_pred, **kwargs)
 
 
 def positives_ratio(batch, parts=2):
@@ -268,11 +268,24 @@ def test_shape_notes(batch):
 def test_rejects_bad_input(batch):
     y_true, y_pred = batch
     with pytest.raises(ValueError, match="at least 2"):
-        keras_batchfix.diagnose("mse", y_true[:1], y_pred[:1], verbose=False)
+        keras_batchfix.diagnose("mse", y_true[:1], y_pred[:1])
     with pytest.raises(ValueError, match="same batch size"):
-        keras_batchfix.diagnose("mse", y_true, y_pred[:4], verbose=False)
+        keras_batchfix.diagnose("mse", y_true, y_pred[:4])
     with pytest.raises(ValueError, match="repeats"):
-        keras_batchfix.diagnose("mse", y_true, y_pred, repeats=(1,), verbose=False)
+        keras_batchfix.diagnose("mse", y_true, y_pred, repeats=(1,))
+
+
+def test_report_printed_once(batch, capsys):
+    # Keras's `verbose` convention: 0 (the default) prints nothing, so
+    # `print(result)` shows the report once; 1 prints it.
+    result = run(ssd_keras_style_loss, batch)
+    assert capsys.readouterr().out == ""
+    print(result)
+    assert capsys.readouterr().out.count("VERDICT:") == 1
+    run(ssd_keras_style_loss, batch, verbose=1)
+    assert capsys.readouterr().out.count("VERDICT: inverse_batch_size") == 1
+    with pytest.raises(ValueError, match="`verbose` must be 0 or 1"):
+        run("mse", batch, verbose=2)
 
 
 @pytest.fixture
@@ -288,10 +301,11 @@ def test_cli_in_process(npz, capsys):
     out = capsys.readouterr().out
     assert "VERDICT: inverse_batch_size" in out and "compensate" in out
     assert "accumulation over 2 micro-batches" in out
+    assert out.count("VERDICT:") == 1
     assert main(["diagnose", spec, "--data", npz, "--strict"]) == 3
     capsys.readouterr()
     assert main(["diagnose", "mse", "--data", npz, "--json", "--strict"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = json.loads(capsys.readouterr().out)  # JSON only, no report
     assert report["verdict"] == "invariant"
     assert report["accumulation_factor"] == pytest.approx(1.0, abs=1e-6)
     assert main(["diagnose", spec, "--data", npz, "--json", "--accumulation-steps", "4"]) == 0

@@ -31,13 +31,13 @@ def batch():
 def test_flags_the_output_divided_twice_and_passes_the_fixed_one(batch):
     x, y = batch
     buggy = keras_batchfix.diagnose_model(
-        two_head_model(box_errors_self_normalized), x, y, verbose=False)
+        two_head_model(box_errors_self_normalized), x, y)
     assert buggy.outputs["boxes"].verdict == "inverse_batch_size"
     assert buggy.outputs["aux"].verdict == "invariant"
     assert buggy.verdict != "invariant"
     fixed = keras_batchfix.diagnose_model(
         two_head_model(keras_batchfix.compensate(box_errors_self_normalized),
-                       weights={"boxes": 2.0, "aux": 0.5}), x, y, verbose=False)
+                       weights={"boxes": 2.0, "aux": 0.5}), x, y)
     assert fixed.outputs["boxes"].verdict == "invariant"
     assert abs(fixed.exponent) < 1e-3
     assert fixed.replica_factor == pytest.approx(1.0, rel=1e-4)
@@ -49,8 +49,18 @@ def test_global_count_is_exact_on_any_split(batch):
     loss = keras_batchfix.compensate(
         lambda t, p: box_errors_self_normalized(t, p) * positive_count(t, p),
         count=positive_count, normalizer=keras_batchfix.GlobalCount())
-    result = keras_batchfix.diagnose_model(two_head_model(loss), x, y, verbose=False)
+    result = keras_batchfix.diagnose_model(two_head_model(loss), x, y)
     assert result.replica_factor_split == pytest.approx(1.0, rel=1e-4)
+
+
+def test_report_printed_once(batch, capsys):
+    x, y = batch
+    result = keras_batchfix.diagnose_model(two_head_model("mse"), x, y)
+    assert capsys.readouterr().out == ""
+    print(result)
+    assert capsys.readouterr().out.count("VERDICT:") == 1
+    keras_batchfix.diagnose_model(two_head_model("mse"), x, y, verbose=1)
+    assert capsys.readouterr().out.count("VERDICT: invariant") == 1
 
 
 def test_bad_input():
@@ -60,6 +70,8 @@ def test_bad_input():
     with pytest.raises(ValueError, match="batch sizes"):
         keras_batchfix.diagnose_model(
             model, np.zeros((2, 6, 5)), {"boxes": np.zeros((3, 6, 8)), "aux": np.zeros((3, 6, 8))})
+    with pytest.raises(ValueError, match="`verbose` must be 0 or 1"):
+        keras_batchfix.diagnose_model(model, np.zeros((2, 6, 5)), None, verbose=2)
     with pytest.raises(ValueError, match="compiled"):
         keras_batchfix.diagnose_model(keras.Sequential([keras.layers.Dense(1)]), np.zeros((2, 1)))
 
@@ -94,7 +106,7 @@ def test_masked_token_model_is_not_exact_under_replicas_and_accumulation(tokens,
     x, y = tokens
     model = token_model(
         keras.losses.SparseCategoricalCrossentropy(from_logits=True), model_class)
-    result = keras_batchfix.diagnose_model(model, x, y, verbose=False)
+    result = keras_batchfix.diagnose_model(model, x, y)
     assert result.verdict == "local_count" and not result.ok  # was "invariant"
     # On one device, and with the same samples on every replica, it is exact:
     assert abs(result.exponent) < 1e-3
@@ -119,7 +131,7 @@ def test_masked_token_model_with_micro_batches_is_exact(tokens):
     model = token_model(
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         keras_batchfix.Model, micro_batches=2)
-    result = keras_batchfix.diagnose_model(model, x, y, verbose=False)
+    result = keras_batchfix.diagnose_model(model, x, y)
     assert result.accumulation_mode == "micro_batches"
     assert result.accumulation_factor == pytest.approx(1.0, abs=1e-5)
     assert result.unequal_split_factor == pytest.approx(1.0, abs=1e-5)
@@ -133,13 +145,13 @@ def test_global_count_model_needs_micro_batches_to_accumulate(tokens):
     loss = keras_batchfix.compensate(
         token_sum, count=valid_tokens, normalizer=keras_batchfix.GlobalCount())
     plain = keras_batchfix.diagnose_model(
-        token_model(loss, mask_zero=False), x, y, verbose=False)
+        token_model(loss, mask_zero=False), x, y)
     assert plain.unequal_split_factor == pytest.approx(1.0, abs=1e-5)
     assert plain.accumulation_factor == pytest.approx(tokens_ratio(y), rel=1e-5)
     assert plain.verdict == "accumulation" and "micro_batches" in plain.advice
     four = keras_batchfix.diagnose_model(
         token_model(loss, keras_batchfix.Model, mask_zero=False, micro_batches=4),
-        x, y, verbose=False)
+        x, y)
     assert four.accumulation_steps == 4
     assert four.accumulation_factor == pytest.approx(1.0, abs=1e-5)
     assert four.verdict == "invariant"
@@ -156,7 +168,7 @@ def test_a_compute_loss_without_sample_weights_is_measured_by_moving_predictions
     x, y = tokens
     model = token_model(
         keras.losses.SparseCategoricalCrossentropy(from_logits=True), IgnoresSampleWeights)
-    result = keras_batchfix.diagnose_model(model, x, y, verbose=False)
+    result = keras_batchfix.diagnose_model(model, x, y)
     assert result.probes == {"replicas": "predictions", "accumulation": "predictions"}
     # The counts found by finite differences order the samples as the mask does.
     assert result.unequal_split_factor == pytest.approx(tokens_ratio(x), rel=2e-2)

@@ -313,3 +313,22 @@ def test_serializes_with_the_losses():
         assert restored.normalizer.get_config() == {
             "momentum": 0.7, "initial_value": 30.0, "name": "ema_count",
         }
+
+
+def test_mixin_bypassed_by_compute_loss_is_an_error():
+    """A `compute_loss` before the mixin that skips it would leave the EMA still."""
+
+    class Detector(keras_batchfix.NormalizerUpdates, keras.Model):
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                         training=True):
+            return keras.Model.compute_loss(self, x, y, y_pred, sample_weight, training)
+
+    inputs = keras.Input((3,))
+    model = Detector(inputs, keras.layers.Dense(5)(inputs))
+    model.compile("sgd", keras_batchfix.compensate(
+        lambda y_true, y_pred: ops.sum((y_true - y_pred) ** 2),
+        count=lambda y_true, y_pred: ops.sum(y_true[:, 0]),
+        normalizer=keras_batchfix.EMACount()))
+    x, y = np.ones((4, 3), "float32"), np.ones((4, 5), "float32")
+    with pytest.raises(ValueError, match="Detector.compute_loss does not call"):
+        model.fit(x, y, verbose=0)

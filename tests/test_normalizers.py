@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from keras_batchfix import EMACount, GlobalCount, LocalCount, SSDMultiboxLoss
-from batchfix_references.ssd_data import random_batch
+from keras_batchfix.references.ssd_data import random_batch
 from tests.processes import printed_line
 from tests.training import fit_dense
 

@@ -39,7 +39,7 @@ def gap(got, want):
 @pytest.mark.parametrize("fixed", [False, True], ids=["keras-hub", "fixed"])
 def test_diagnose_model_flags_the_replica_sum(fixed):
     x, y = boxes_batch(4)
-    result = keras_batchfix.diagnose_model(compiled(fixed), x, y, verbose=False)
+    result = keras_batchfix.diagnose_model(compiled(fixed), x, y)
     assert abs(result.exponent) < 1e-3
     if fixed:
         assert result.replica_factor == pytest.approx(1.0, rel=1e-4)

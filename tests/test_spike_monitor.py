@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import os
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -296,19 +297,44 @@ def test_log_dir_checked_before_training(tmp_path):
     assert monitor.steps["loss"].size == 0
 
 
-def test_missing_matplotlib_fails_before_training(tmp_path, monkeypatch):
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """matplotlib as if it were not installed."""
     for name in list(sys.modules):
         if name == "matplotlib" or name.startswith("matplotlib."):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_without_matplotlib_the_default_skips_the_plot(tmp_path, no_matplotlib):
     monitor = keras_batchfix.SpikeMonitor(log_dir=tmp_path, verbose=0)
-    with pytest.raises(ImportError, match=r"keras-batchfix\[plots\]"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
         user_fit(ssd_style_loss, 0.01, monitor, epochs=1)
-    assert not (tmp_path / "steps.csv").exists()
+    assert (tmp_path / "steps.csv").exists()
+    assert not (tmp_path / "steps.png").exists()
+
+
+def test_without_matplotlib_plot_true_warns_once(tmp_path, no_matplotlib):
+    monitor = keras_batchfix.SpikeMonitor(log_dir=tmp_path, plot=True, verbose=0)
+    with pytest.warns(UserWarning, match=r"keras-batchfix\[plots\]") as caught:
+        user_fit(ssd_style_loss, 0.01, monitor, epochs=1)
+        user_fit(ssd_style_loss, 0.01, monitor, epochs=1)  # a second fit: no new warning
+    assert sum("matplotlib" in str(w.message) for w in caught) == 1
+    assert (tmp_path / "steps.csv").exists()
+    assert not (tmp_path / "steps.png").exists()
+    assert len(monitor.steps["loss"]) > 0
+
+
+def test_plot_false_writes_no_png(tmp_path):
+    monitor = keras_batchfix.SpikeMonitor(log_dir=tmp_path, plot=False, verbose=0)
+    user_fit(ssd_style_loss, 0.01, monitor, epochs=1)
+    assert (tmp_path / "steps.csv").exists()
+    assert not (tmp_path / "steps.png").exists()
 
 
 def test_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="`threshold` must be > 0; received 0"):
+    with pytest.raises(ValueError, match="`threshold` must be a number > 0; received threshold=0"):
         keras_batchfix.SpikeMonitor(threshold=0)
     with pytest.raises(ValueError, match="`verbose` must be 0 or 1"):
         keras_batchfix.SpikeMonitor(verbose=2)

@@ -8,10 +8,10 @@ from keras_batchfix import SSDMultiboxLoss
 from keras_batchfix.ssd_loss import top_k_mask
 from tests.gradients import value_and_grad
 from tests.training import batch_loss
-from batchfix_references.ssd_data import random_batch
+from keras_batchfix.references.ssd_data import random_batch
 
 torch = pytest.importorskip("torch")
-from batchfix_references.torch_multibox import multibox_loss  # noqa: E402
+from keras_batchfix.references.torch_multibox import multibox_loss  # noqa: E402
 
 NUM_CLASSES = 5
 CASES = list(

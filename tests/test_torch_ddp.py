@@ -41,3 +41,7 @@ def test_torch_ddp_equals_one_device(tmp_path):
         for got, other, want_value in zip(first[name], second[name], want):
             np.testing.assert_array_equal(got, other, err_msg=name)  # ranks agree
             assert np.abs(got - want_value).max() < TOLERANCE, name
+    for _, log_path in runs[1:]:  # a rank with too few samples for its slices
+        slices = [line for line in log_path.read_text().splitlines()
+                  if line.startswith("SLICES ")]
+        assert slices and "disagree on the slices" in slices[0], slices

@@ -5,11 +5,11 @@ import pytest
 from keras import ops
 
 from keras_batchfix import SSDMultiboxLoss, compensate
-from batchfix_references.ssd_data import random_batch
+from keras_batchfix.references.ssd_data import random_batch
 from tests.training import fit_dense
 
 torch = pytest.importorskip("torch")
-from batchfix_references.torch_multibox import multibox_loss  # noqa: E402
+from keras_batchfix.references.torch_multibox import multibox_loss  # noqa: E402
 
 NUM_CLASSES, FEATURES, ANCHORS = 4, 5, 30
 DATASET, BATCH, EPOCHS, LR, MOMENTUM = 37, 8, 2, 0.05, 0.9  # 37 = 4 * 8 + 5

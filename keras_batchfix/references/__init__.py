@@ -1,8 +1,8 @@
 """Reference implementations keras-batchfix is checked against.
 
-A package of its own, beside `keras_batchfix` (installed with it), so that
-the tests, reproductions and benchmarks import the same references without
-editing `sys.path`, and the package under test never imports them.
+The tests, reproductions and benchmarks import them from here
+(`keras_batchfix.references.torch_multibox`, ...); `import keras_batchfix`
+does not import them.
 
 Written apart from the package's losses, in PyTorch or NumPy, after the peers'
 code (ssd.pytorch / torchvision for the multibox loss, the center-loss
