@@ -1,7 +1,9 @@
 """Command line: `python -m keras_batchfix diagnose module:loss --data batch.npz`.
 
-The `.npz` file holds one batch: arrays `y_true` and `y_pred` (and optionally
-`sample_weight`), batch on axis 0, e.g. written with
+The report gives the batch exponent, the replica factors and the
+accumulation factor (see `keras_batchfix.diagnose`). The `.npz` file holds
+one batch: arrays `y_true` and `y_pred` (and optionally `sample_weight`),
+batch on axis 0, e.g. written with
 
     np.savez("batch.npz", y_true=y_batch, y_pred=model.predict(x_batch))
 
@@ -111,7 +113,11 @@ def build_parser():
     diag.add_argument(
         "--repeats", default="1,2,4", help="tiling factors, comma-separated (default 1,2,4)"
     )
-    diag.add_argument("--replicas", type=int, default=2, help="replicas of the split check")
+    diag.add_argument("--replicas", type=int, default=2, help="replicas of the split checks")
+    diag.add_argument(
+        "--accumulation-steps", type=int, default=2,
+        help="micro-batches of the gradient accumulation check (default 2)",
+    )
     diag.add_argument("--tolerance", type=float, default=0.1)
     diag.add_argument("--json", action="store_true", help="print the result as JSON")
     diag.add_argument(
@@ -136,6 +142,7 @@ def main(argv=None):
             repeats=repeats,
             num_replicas=args.replicas,
             tolerance=args.tolerance,
+            accumulation_steps=args.accumulation_steps,
         )
     except (ImportError, AttributeError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

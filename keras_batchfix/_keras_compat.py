@@ -14,6 +14,16 @@ from keras.src.losses.loss import reduce_weighted_values  # noqa: F401  Loss.__c
 from keras.src.trainers import compile_utils as _compile_utils
 
 
+def set_keras_mask(x, mask):
+    """Gives `x` the Keras mask `mask` (diagnose_model moves masked predictions)."""
+    try:
+        from keras.src.backend import set_keras_mask as set_mask
+    except ImportError:  # the attribute Keras's masking reads
+        x._keras_mask = mask
+    else:
+        set_mask(x, mask)
+
+
 def flat_compiled_losses(model, y_true, y_pred):
     """`[(path, loss, loss_weight)]` of `model.compile(loss=...)`, resolved.
 

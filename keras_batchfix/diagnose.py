@@ -8,8 +8,15 @@ spikes. A loss that returns an unnormalized sum goes as `batch_size`. A loss
 that returns a scalar is passed through by every reduction and, under
 `tf.distribute`, skips Keras's `1 / num_replicas` factor.
 
-`diagnose` measures all three on the samples you give it, with the reduction
-`model.compile` will apply, and says which fix applies.
+A loss that divides by a count of the batch it is given (valid tokens,
+Keras's mean over a mask) is exact on one device but not when the batch is
+split: across replicas with unequal counts each replica divides by its own,
+and Keras's `gradient_accumulation_steps=k` averages the `k` micro-batches'
+own losses. `diagnose` splits the samples ordered by their count (few on
+one side, many on the other) and measures how the split reweighs them.
+
+`diagnose` measures all of this on the samples you give it, with the
+reduction `model.compile` will apply, and says which fix applies.
 """
 
 import dataclasses
@@ -19,10 +26,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_batchfix import _validation, normalizers, replicas
+from keras_batchfix import _split_weights, _validation, normalizers, replicas
 from keras_batchfix._keras_compat import compile_loss
 from keras_batchfix._keras_compat import print_msg
-from keras_batchfix.normalized_loss import NormalizedLoss
+from keras_batchfix.normalized_loss import NormalizedLoss, _as_values, weighted_sum
 
 MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
@@ -32,9 +39,16 @@ FIXES = {
     "inverse_batch_size": "compensate",
     "batch_size": "reduction",
     "replica_scaling": "compensate",
+    "replica_split": "global_count",
+    "accumulation": "micro_batches",
+    "local_count": "global_count",
     "other": "unknown",
     "non_finite": "unknown",
 }
+
+#: How the micro-batches of gradient accumulation are combined.
+KERAS_ACCUMULATION = "keras"  # `gradient_accumulation_steps`: mean of the losses
+MICRO_BATCHES = "micro_batches"  # `compile(micro_batches=k)`: summed, divided once
 
 
 @dataclasses.dataclass
@@ -44,12 +58,16 @@ class Diagnosis:
     Attributes:
         verdict: `"invariant"`, `"inverse_batch_size"` (the loss goes as
             `1 / B`), `"batch_size"` (goes as `B`), `"replica_scaling"`
-            (batch-size invariant, but a replica split changes it),
+            (batch-size invariant, but a replica split scales it),
+            `"replica_split"` (a split with unequal counts reweighs the
+            samples), `"accumulation"` (gradient accumulation reweighs them),
+            `"local_count"` (both: each part divides by its own count),
             `"other"` (an exponent that is none of -1, 0, +1) or
             `"non_finite"` (the loss is NaN or infinite on the samples, so
             nothing could be measured; the advice counts the non-finite
             entries of the inputs).
-        fix: `"none"`, `"compensate"`, `"reduction"` or `"unknown"`.
+        fix: `"none"`, `"compensate"`, `"reduction"`, `"global_count"`,
+            `"micro_batches"` or `"unknown"`.
         advice: the fix in words (what to change in your code).
         exponent: `d log(loss) / d log(B)` over repetitions of the same
             samples (the batch-size effect alone).
@@ -66,11 +84,28 @@ class Diagnosis:
             (single-device loss), each replica seeing the same samples:
             1 when a replica split leaves the objective unchanged.
         replica_ratio_split: the same ratio with the samples split into
-            `num_replicas` distinct parts (shows composition effects).
+            `num_replicas` distinct parts, ordered by their count (the
+            replica of fewest counts first).
         replica_mode: `"mirrored"` (a real `tf.distribute.MirroredStrategy`)
             or `"simulated"` (Keras's own reduction code run with the replica
             count set; the rule `tf.distribute` applies).
         notes: further remarks (shape interactions, caveats).
+        unequal_split_factor: on that split, `max_i r_i / min_i r_i` with
+            `r_i` sample `i`'s weight in the replicas' summed objective over
+            its weight in the one-device loss: 1 when exact (see
+            `keras_batchfix.diagnose`).
+        accumulation_factor: the same for `accumulation_steps`
+            micro-batches of the samples ordered by their count.
+        accumulation_steps: micro-batches of the accumulation check.
+        accumulation_mode: `"keras"` (Keras's `gradient_accumulation_steps`:
+            the mean of the micro-batches' losses) or `"micro_batches"` (a
+            loss with a count, as `keras_batchfix.Model`'s
+            `compile(micro_batches=k)` accumulates it).
+        keras_accumulation_factor: for `"micro_batches"`, the factor under
+            Keras's own `gradient_accumulation_steps` (else the same as
+            `accumulation_factor`).
+        probes: how each factor was measured: `"sample weights"` (one-hot
+            weights, exact) or `"predictions"` (finite differences).
     """
 
     verdict: str
@@ -89,6 +124,12 @@ class Diagnosis:
     notes: list
     loss_name: str = "loss"
     tolerance: float = 0.1
+    unequal_split_factor: float = float("nan")
+    accumulation_factor: float = float("nan")
+    accumulation_steps: int = 2
+    accumulation_mode: str = KERAS_ACCUMULATION
+    keras_accumulation_factor: float = float("nan")
+    probes: dict = dataclasses.field(default_factory=dict)
 
     @property
     def ok(self):
@@ -130,8 +171,10 @@ class Diagnosis:
         lines.append(
             f"  {self.num_replicas}-replica split ({self.replica_mode}): "
             f"objective x{_fmt(self.replica_ratio)} (same samples per "
-            f"replica), x{_fmt(self.replica_ratio_split)} (distinct samples)"
+            f"replica), x{_fmt(self.replica_ratio_split)} (distinct samples, "
+            "fewest counts on replica 0)"
         )
+        lines.extend(split_lines(self))
         if len(self.repetitions) > 1:
             big = self.repetitions[-1][1]
             lines.append(
@@ -145,8 +188,28 @@ class Diagnosis:
         return "\n".join(lines)
 
 
-def _fmt(value):
-    return "nan" if value is None or not math.isfinite(value) else f"{value:.3g}"
+_fmt = _split_weights.fmt
+
+
+def split_lines(result):
+    """The report's lines on the unequal split and the accumulation."""
+    how = "Keras's gradient_accumulation_steps, the mean of the micro-batches' " \
+        "losses" if result.accumulation_mode == KERAS_ACCUMULATION else \
+        "compile(micro_batches=k): numerators and counts summed, divided once"
+    lines = [
+        f"  unequal counts over {result.num_replicas} replicas: sample weights "
+        f"up to x{_fmt(result.unequal_split_factor)} apart (1 exact)",
+        f"  accumulation over {result.accumulation_steps} micro-batches ({how}):"
+        f" sample weights up to x{_fmt(result.accumulation_factor)} apart "
+        "(1 exact)",
+    ]
+    keras_factor = getattr(result, "keras_accumulation_factor", None)
+    if result.accumulation_mode != KERAS_ACCUMULATION and keras_factor is not None:
+        lines.append(
+            "  under Keras's own gradient_accumulation_steps: "
+            f"x{_fmt(keras_factor)}"
+        )
+    return lines
 
 
 def diagnose(
@@ -158,8 +221,9 @@ def diagnose(
     num_replicas=2,
     tolerance=0.1,
     verbose=0,
+    accumulation_steps=2,
 ):
-    """Finds out whether (and how) a loss's scale depends on the batch size.
+    """Finds out whether (and how) a loss's scale depends on the batch and its splits.
 
     The loss is wrapped exactly as `model.compile(loss=loss)` wraps it
     (Keras's `CompileLoss`: a plain function gets a `LossFunctionWrapper`
@@ -176,7 +240,26 @@ def diagnose(
       of what each replica optimizes (Keras sums replica gradients) divided
       by the single-device loss. With two or more TensorFlow logical devices
       a real `MirroredStrategy` is used; otherwise Keras's reduction code runs
-      with the replica count set (scalar returns skip the `1/num_replicas`).
+      with the replica count set (scalar returns skip the `1/num_replicas`);
+    * split with unequal counts, over the replicas and over
+      `accumulation_steps` micro-batches: the samples are ordered by their
+      count (`c_i / l_i`, below) and cut into equal parts, fewest counts
+      first. For each sample, with `L(w)` the one-device loss under
+      per-sample weights `w` and `O(w)` the split's objective,
+
+          r_i = (O(e_i) - O(0)) / (L(e_i) - L(0))      (e_i one-hot)
+          factor = max_i r_i / min_i r_i                (1 when exact)
+
+      `c_i = L(e_i) - L(0)` is sample `i`'s share of the loss (the loss is
+      linear in its weights) and `l_i` its loss alone. `O` is the sum over
+      the replicas, or, for accumulation, the mean of the micro-batches'
+      losses (Keras's `gradient_accumulation_steps`); a loss that hands
+      its count (`compensate(..., count=...)`, `SSDMultiboxLoss`) is
+      accumulated as `keras_batchfix.Model`'s `compile(micro_batches=k)`
+      does: `sum_m numerator_m / divisor(sum_m count_m)`. A uniform `r`
+      (`1/k` for a summed loss) is the batch exponent's, not a
+      reweighting. A loss not linear in its weights (a scalar return) is
+      measured per part instead, by finite differences of its predictions.
 
     Args:
         loss: what you pass to `compile`: a function `(y_true, y_pred) ->
@@ -185,15 +268,17 @@ def diagnose(
             batch on axis 0; at least 2 samples). Single-output models only.
         sample_weight: optional `(B,)` weights.
         repeats: tiling factors for the repetition measurement.
-        num_replicas: replicas of the split check (>= 2).
+        num_replicas: replicas of the split checks (>= 2).
         tolerance: how far from -1, 0 or +1 an exponent (and from 1 a replica
-            ratio, relatively) may be to count as that value.
+            ratio or a factor, relatively) may be to count as that value.
         verbose: 0 (default) prints nothing, 1 prints the report. Either
             way `print(result)` shows it.
+        accumulation_steps: micro-batches of the accumulation check (>= 2).
 
     Returns:
         A `Diagnosis` (`str()` of it is the report; `.verdict`, `.fix`,
-        `.exponent`, `.replica_ratio`, ... for scripts and tests).
+        `.exponent`, `.replica_ratio`, `.unequal_split_factor`,
+        `.accumulation_factor`, ... for scripts and tests).
 
     Example:
 
@@ -204,8 +289,9 @@ def diagnose(
         return per_image / ops.maximum(positives, 1.0)
 
     result = keras_batchfix.diagnose(my_loss, y_true, y_pred)
-    result.verdict   # "inverse_batch_size"
-    result.fix       # "compensate": compile(loss=keras_batchfix.compensate(my_loss))
+    result.verdict              # "inverse_batch_size"
+    result.fix                  # "compensate": compile(loss=keras_batchfix.compensate(my_loss))
+    result.accumulation_factor  # e.g. 2.5: micro-batches with few positives weigh more
     ```
     """
     _check_verbose(verbose)
@@ -228,6 +314,7 @@ def diagnose(
     tolerance = _validation.real(
         "tolerance", tolerance, "a float > 0", lambda v: v > 0
     )
+    accumulation_steps = _check_steps(accumulation_steps)
 
     steady_state = isinstance(loss, NormalizedLoss) and normalizers.stateful(
         loss.normalizer
@@ -284,10 +371,39 @@ def diagnose(
     )
     reduction = getattr(loss_obj, "reduction", None)
 
-    # 4. Replica split.
-    replica_mode, replica_ratio, replica_ratio_split = _replica_check(
-        compiled, y_true, y_pred, sample_weight, num_replicas
+    # 4. Replica split: same samples on every replica, and distinct samples
+    # ordered by their count (fewest on replica 0).
+    probe = _Probe(fast, y_true, y_pred, sample_weight, rank=len(raw_shape))
+    order = probe.count_order()
+    replica_mode, distributed = _replica_setup(compiled, num_replicas)
+    replica_ratio = _replica_ratio_same(
+        fast, distributed, y_true, y_pred, sample_weight, num_replicas
     )
+    rep_index, rep_parts = _split_weights.equal_parts(order, num_replicas)
+    whole_split = probe.loss(rep_index)
+    total = distributed(probe.parts(rep_index, rep_parts))
+    replica_ratio_split = total / whole_split if whole_split else float("nan")
+    unequal, replica_probe = probe.split_factor(rep_index, rep_parts, distributed)
+
+    # 5. Accumulation over micro-batches, ordered by count.
+    acc_index, acc_parts = _split_weights.equal_parts(
+        order, min(accumulation_steps, n)
+    )
+
+    def keras_accumulated(parts):
+        return sum(float(fast(*part)) for part in parts) / len(parts)
+
+    keras_factor, keras_probe = probe.split_factor(
+        acc_index, acc_parts, keras_accumulated
+    )
+    if _has_count(loss_obj, y_true, y_pred):
+        accumulation_mode = MICRO_BATCHES
+        accumulation, accumulation_probe = probe.split_factor(
+            acc_index, acc_parts, _micro_batches_loss(loss_obj)
+        )
+    else:
+        accumulation_mode = KERAS_ACCUMULATION
+        accumulation, accumulation_probe = keras_factor, keras_probe
 
     notes = []
     if steady_state:
@@ -337,6 +453,17 @@ def diagnose(
             "statistics, clamped counts, in-batch mining); the verdict uses "
             "the repetition exponent."
         )
+    probes = {"replicas": replica_probe, "accumulation": accumulation_probe}
+    if "predictions" in probes.values():
+        notes.append(
+            "the loss is not linear in per-sample weights (a scalar return, "
+            "reduction='mean_with_sample_weight'): "
+            "the split factors are finite differences of each part's "
+            "predictions (float32: about 1e-3)."
+        )
+    for name, value in (("unequal-count split", unequal), ("accumulation", accumulation)):
+        if math.isnan(value):
+            notes.append(f"the {name} factor could not be measured (a zero loss?).")
 
     non_finite = [b for _, b, value in repetitions if not math.isfinite(value)]
     if non_finite:
@@ -345,8 +472,15 @@ def diagnose(
             loss_name, non_finite, y_true, y_pred, sample_weight
         )
     else:
-        verdict = _classify(exponent, replica_ratio, num_replicas, tolerance)
-        advice = _advice(verdict, exponent, raw_shape, loss_obj, num_replicas)
+        verdict = _classify(
+            exponent, replica_ratio, num_replicas, tolerance, unequal, accumulation
+        )
+        advice = _advice(
+            verdict, exponent, raw_shape, loss_obj, num_replicas,
+            unequal=unequal, accumulation=accumulation,
+            accumulation_mode=accumulation_mode, steps=len(acc_parts),
+            keras_factor=keras_factor, tolerance=tolerance,
+        )
     result = Diagnosis(
         verdict=verdict,
         fix=FIXES[verdict],
@@ -364,10 +498,156 @@ def diagnose(
         notes=notes,
         loss_name=str(loss_name),
         tolerance=tolerance,
+        unequal_split_factor=unequal,
+        accumulation_factor=accumulation,
+        accumulation_steps=len(acc_parts),
+        accumulation_mode=accumulation_mode,
+        keras_accumulation_factor=keras_factor,
+        probes=probes,
     )
     if verbose:
         print_msg(str(result))
     return result
+
+
+def _check_steps(accumulation_steps):
+    """`accumulation_steps` as an int; a named error unless an integer >= 2."""
+    return _validation.integer("accumulation_steps", accumulation_steps, 2)
+
+
+class _Probe:
+    """The loss on ordered subsets of the batch, with probe weights or moved predictions."""
+
+    def __init__(self, fast, y_true, y_pred, sample_weight, rank):
+        self.fast = fast
+        self.y_true, self.y_pred, self.sample_weight = y_true, y_pred, sample_weight
+        self.linear = rank > 0  # per-sample values: weights probe samples
+        self.natural_shares = None  # the samples' shares, set by count_order
+        # Keras broadcasts weights only to values of their rank.
+        self.rank = rank if sample_weight is None else sample_weight.ndim
+
+    def data(self, index, weights=None, delta=None):
+        """`(y_true, y_pred, sample_weight)` of samples `index`."""
+        y_pred = self.y_pred[index]
+        if delta is not None:
+            y_pred = y_pred + delta
+        sw = None if self.sample_weight is None else self.sample_weight[index]
+        if weights is not None:
+            weights = np.asarray(weights, "float32").reshape(
+                (-1,) + (1,) * (self.rank - 1)
+            )
+            sw = weights if sw is None else sw * weights
+        return self.y_true[index], y_pred, sw
+
+    def loss(self, index, weights=None, delta=None):
+        return float(self.fast(*self.data(index, weights, delta)))
+
+    def parts(self, index, parts, weights=None, delta=None):
+        return [
+            self.data(
+                index[part],
+                None if weights is None else weights[part],
+                None if delta is None else delta[part],
+            )
+            for part in parts
+        ]
+
+    def count_order(self):
+        """The samples ordered by their count (see `_split_weights`)."""
+        n = len(self.y_true)
+        everything = np.arange(n)
+        shares = None
+        if self.linear:
+            shares = _split_weights.shares(lambda w: self.loss(everything, w), n)
+        self.natural_shares = shares
+        singles = [self.loss(np.array([i])) for i in range(n)]
+        if shares is None:  # move one sample's predictions at a time
+            moves = _split_weights.noise_like(self.y_pred, seed=1)
+            base = self.loss(everything)
+            shares, singles_moved = [], []
+            for i in range(n):
+                delta = np.zeros_like(moves)
+                delta[i] = moves[i]
+                shares.append(self.loss(everything, delta=delta) - base)
+                singles_moved.append(
+                    self.loss(np.array([i]), delta=moves[i : i + 1]) - singles[i]
+                )
+            singles = singles_moved
+        return _split_weights.count_order(
+            _split_weights.relative_counts(shares, singles)
+        )
+
+    def split_factor(self, index, parts, objective):
+        """`(factor, probe)` of `objective(parts' data)` against the loss of `index`."""
+
+        def split(weights=None, delta=None):
+            return objective(self.parts(index, parts, weights, delta))
+
+        if self.linear and self.natural_shares is not None:
+            if len(index) == len(self.y_true):  # the batch, reordered
+                whole = self.natural_shares[index]
+            else:
+                whole = _split_weights.shares(lambda w: self.loss(index, w), len(index))
+            if whole is not None:
+                shares = _split_weights.shares(split, len(index))
+                if shares is not None:
+                    return _split_weights.factor(shares, whole), "sample weights"
+        moves = _split_weights.noise_like(self.y_pred[index], seed=0)
+        base_whole, base_split = self.loss(index), split()
+        whole, shares = [], []
+        for part in parts:
+            delta = np.zeros_like(moves)
+            delta[part] = moves[part]
+            whole.append(self.loss(index, delta=delta) - base_whole)
+            shares.append(split(delta=delta) - base_split)
+        return _split_weights.factor(shares, whole), "predictions"
+
+
+def _has_count(loss, y_true, y_pred):
+    """Whether `loss` hands `micro_batches` a numerator and a count."""
+    if not isinstance(loss, NormalizedLoss):
+        return False
+    _, count = loss.numerator_and_count(
+        ops.convert_to_tensor(y_true, dtype=loss.dtype),
+        ops.convert_to_tensor(y_pred, dtype=loss.dtype),
+    )
+    return count is not None
+
+
+def _micro_batches_loss(loss):
+    """`parts -> sum_m sum_i w_i numerator_{m,i} / divisor(sum_m count_m)`.
+
+    What `compile(micro_batches=k)` optimizes for a `NormalizedLoss` with a
+    count: the numerators and the counts of the micro-batches summed, and
+    divided once (`keras_batchfix.accumulation`); `parts` holds each
+    micro-batch's `(y_true, y_pred, sample_weight)`. Jitted on JAX.
+    """
+
+    def value(parts):
+        numerators, total = [], None
+        for y_true, y_pred, sw in parts:
+            numerator, count = loss.numerator_and_count(
+                ops.convert_to_tensor(y_true, dtype=loss.dtype),
+                ops.convert_to_tensor(y_pred, dtype=loss.dtype),
+            )
+            numerators.append(
+                (_as_values(loss, "numerator", numerator, loss.dtype), sw)
+            )
+            count = _as_values(loss, "count", count, "float32")
+            total = count if total is None else total + count
+        divisor = loss.normalizer.divisor(total)
+        result = 0.0
+        for numerator, sw in numerators:
+            values = replicas.to_keras(
+                numerator, divisor, loss.normalizer.is_global,
+                route=replicas.COMPILED,
+            )
+            weights = None if sw is None else ops.convert_to_tensor(sw, dtype=loss.dtype)
+            result = result + weighted_sum(values, weights)
+        return result
+
+    fast = _jitted(value)
+    return lambda parts: float(fast(parts))
 
 
 def _check_verbose(verbose):
@@ -474,24 +754,30 @@ class _Compiled:
         function, so a trace made under `_replicas` is never reused outside.
         Losses that cannot be traced run eagerly.
         """
-        if keras.backend.backend() != "jax":
-            return self
-        import jax
-
         # A new function object: jax caches traces by function, and a bound
         # method compares equal to every other bound `self.__call__`.
-        jitted = jax.jit(lambda y_true, y_pred, sw: self(y_true, y_pred, sw))
-        state = {"eager": False}
+        return _jitted(lambda y_true, y_pred, sample_weight=None: self(
+            y_true, y_pred, sample_weight))
 
-        def call(y_true, y_pred, sample_weight=None):
-            if not state["eager"]:
-                try:
-                    return jitted(y_true, y_pred, sample_weight)
-                except jax.errors.JAXTypeError:
-                    state["eager"] = True
-            return self(y_true, y_pred, sample_weight)
 
-        return call
+def _jitted(function):
+    """`function` under `jax.jit` on JAX (eager if it cannot be traced), else itself."""
+    if keras.backend.backend() != "jax":
+        return function
+    import jax
+
+    jitted = jax.jit(function)
+    state = {"eager": False}
+
+    def call(*args):
+        if not state["eager"]:
+            try:
+                return jitted(*args)
+            except jax.errors.JAXTypeError:
+                state["eager"] = True
+        return function(*args)
+
+    return call
 
 
 def _at_steady_state(loss):
@@ -525,7 +811,15 @@ def _slope(batch_sizes, values):
     return float(np.polyfit(x, y, 1)[0])
 
 
-def _classify(exponent, replica_ratio, num_replicas, tolerance):
+def _off(value, tolerance):
+    """Whether a factor is measured and away from 1 (relatively)."""
+    return not math.isnan(value) and not abs(value - 1) <= tolerance
+
+
+def _classify(
+    exponent, replica_ratio, num_replicas, tolerance,
+    unequal=float("nan"), accumulation=float("nan"),
+):
     if not math.isfinite(exponent):
         return "other"
     if abs(exponent + 1) <= tolerance:
@@ -536,15 +830,63 @@ def _classify(exponent, replica_ratio, num_replicas, tolerance):
         return "other"
     if math.isfinite(replica_ratio) and abs(replica_ratio - 1) > tolerance:
         return "replica_scaling"
+    return split_verdict(unequal, accumulation, tolerance)
+
+
+def split_verdict(unequal, accumulation, tolerance):
+    """The verdict of a loss exact on one device, from its split factors."""
+    if _off(unequal, tolerance) and _off(accumulation, tolerance):
+        return "local_count"
+    if _off(unequal, tolerance):
+        return "replica_split"
+    if _off(accumulation, tolerance):
+        return "accumulation"
     return "invariant"
 
 
-def _advice(verdict, exponent, raw_shape, loss_obj, num_replicas):
+def exact_splits(unequal, accumulation, steps, num_replicas):
+    """What the measurements show exact, in words (for an `invariant` verdict)."""
+    exact, unknown = [], []
+    (exact if math.isfinite(unequal) else unknown).append(
+        f"a {num_replicas}-replica split with unequal counts"
+    )
+    (exact if math.isfinite(accumulation) else unknown).append(
+        f"gradient accumulation over {steps} micro-batches"
+    )
+    text = "of the batch size"
+    if exact:
+        text += ", of " + " and of ".join(exact)
+    if unknown:
+        text += " (not measured: " + ", ".join(unknown) + ")"
+    return text
+
+
+def _global(loss_obj):
+    return isinstance(loss_obj, NormalizedLoss) and getattr(
+        loss_obj.normalizer, "is_global", False
+    )
+
+
+def _advice(
+    verdict, exponent, raw_shape, loss_obj, num_replicas,
+    unequal=float("nan"), accumulation=float("nan"),
+    accumulation_mode=KERAS_ACCUMULATION, steps=2, keras_factor=float("nan"),
+    tolerance=0.1,
+):
     if verdict == "invariant":
-        return (
-            "No fix needed: Keras's reduction keeps this loss's scale "
-            "independent of the batch size and of a replica split."
+        text = (
+            "No fix needed: the loss is independent "
+            + exact_splits(unequal, accumulation, steps, num_replicas)
+            + "."
         )
+        if accumulation_mode == MICRO_BATCHES and _off(keras_factor, tolerance):
+            text += (
+                " Accumulate with keras_batchfix.Model and compile(..., "
+                "micro_batches=k): Keras's own gradient_accumulation_steps "
+                "divides each micro-batch by its own count (sample weights "
+                f"x{_fmt(keras_factor)} apart)."
+            )
+        return text
     if verdict == "inverse_batch_size":
         return (
             "The loss divides by a count from the batch and Keras divides by "
@@ -552,7 +894,9 @@ def _advice(verdict, exponent, raw_shape, loss_obj, num_replicas):
             "B/b times too large. Fix: compile(loss=keras_batchfix."
             "compensate(your_loss)) (or return the un-normalized values and "
             "pass count=... to compensate). Multiplying by the batch size "
-            "works on one device only."
+            "works on one device only. For replicas and gradient "
+            "accumulation, hand the count: keras_batchfix.compensate("
+            "numerator, count=..., normalizer=keras_batchfix.GlobalCount())."
         )
     if verdict == "batch_size":
         if (
@@ -578,10 +922,113 @@ def _advice(verdict, exponent, raw_shape, loss_obj, num_replicas):
             " so Keras's reduction scales it, or wrap it with "
             "keras_batchfix.compensate(your_loss)."
         )
+    if verdict in ("replica_split", "accumulation", "local_count"):
+        return split_advice(
+            verdict, unequal, accumulation, num_replicas, steps,
+            accumulation_mode, counts_global=_global(loss_obj),
+        )
     return (
         f"The loss scales as B^{exponent:.3g}, none of the usual cases: check "
         "how it normalizes (a clamped or nonlinear count?) and compare with "
         "keras_batchfix.compensate(..., count=...)."
+    )
+
+
+GLOBAL_COUNT_FIX = (
+    "keras_batchfix.compensate(numerator, count=..., "
+    "normalizer=keras_batchfix.GlobalCount())"
+)
+MICRO_BATCHES_FIX = (
+    "keras_batchfix.Model(...) and compile(..., micro_batches=k) instead of "
+    "the optimizer's gradient_accumulation_steps=k"
+)
+
+
+def split_advice(
+    verdict, unequal, accumulation, num_replicas, steps, accumulation_mode,
+    counts_global=False, model=False,
+):
+    """Advice for the split verdicts, of a loss (`diagnose`) or a model.
+
+    `counts_global`: the replicas divide by the count of them all already
+    (a `GlobalCount`, the package's step), so a split that is still
+    inexact has a numerator that is not a sum over samples.
+    """
+    subject = "the model's loss" if model else "the loss"
+    replicas_text = (
+        f"split over {num_replicas} replicas with unequal counts (say long "
+        "sequences on one, short on the other), each replica divides by its "
+        "own count and the replicas' losses are averaged: samples weigh up to "
+        f"x{_fmt(unequal)} differently than on one device"
+    )
+    accumulation_text = (
+        f"under Keras's gradient_accumulation_steps={steps}, the mean of the "
+        "micro-batches' own losses, each micro-batch divides by its own "
+        f"count: samples weigh up to x{_fmt(accumulation)} differently than "
+        "in one pass over the batch"
+    )
+    not_additive = (
+        f"{subject} hands its counts, but a numerator (or count) depends on "
+        "which samples share a part (in-batch mining as SSDMultiboxLoss("
+        "mining='batch'), batch statistics), so the parts cannot add up to "
+        "the whole. Fix: per-sample terms (mining='per_image')."
+    )
+    if model:
+        replica_fix = (
+            "keras_batchfix.Model(...) with compile(..., micro_batches=k): its "
+            "step divides Keras's mean losses (masked ones included) and the "
+            "package's losses by the count summed over the micro-batches and "
+            f"the replicas; or compile a loss with a global count, {GLOBAL_COUNT_FIX}"
+        )
+        accumulation_fix = (
+            f"{MICRO_BATCHES_FIX}: its step sums the micro-batches' numerators "
+            "and counts (of Keras's mean losses, masked ones included, and of "
+            "the package's losses) and divides once"
+        )
+        both_fix = replica_fix + " (then accumulate with micro_batches too)"
+    else:
+        replica_fix = (
+            f"divide by the count of all replicas, {GLOBAL_COUNT_FIX} (a "
+            "package loss: normalizer=keras_batchfix.GlobalCount())"
+        )
+        accumulation_fix = (
+            f"{MICRO_BATCHES_FIX}: it sums the micro-batches' numerators and "
+            "counts and divides once (the loss must hand its count: "
+            "keras_batchfix.compensate(numerator, count=...))"
+        )
+        both_fix = (
+            f"hand the count to the package, {GLOBAL_COUNT_FIX}, and "
+            f"accumulate with {MICRO_BATCHES_FIX}"
+        )
+    micro = accumulation_mode == MICRO_BATCHES
+    if verdict == "replica_split":
+        if counts_global:
+            return (
+                f"Exact on one device, but split over {num_replicas} replicas "
+                f"samples weigh up to x{_fmt(unequal)} differently: " + not_additive
+            )
+        return f"Exact on one device, but {replicas_text}. Fix: {replica_fix}."
+    if verdict == "accumulation":
+        if micro:
+            return (
+                f"Exact on one device and across replicas, but over {steps} "
+                f"micro-batches samples weigh up to x{_fmt(accumulation)} "
+                "differently: " + not_additive
+            )
+        return (
+            f"Exact on one device and across replicas, but {accumulation_text}."
+            f" Fix: {accumulation_fix}."
+        )
+    if counts_global and micro:
+        return (
+            f"Exact on one device, but split over {num_replicas} replicas "
+            f"samples weigh up to x{_fmt(unequal)} differently, and over "
+            f"{steps} micro-batches up to x{_fmt(accumulation)}: " + not_additive
+        )
+    return (
+        f"Exact on one device, but {subject} divides by the count of whatever "
+        f"batch it is given: {replicas_text}; and {accumulation_text}. Fix: "
+        f"{both_fix}."
     )
 
 
@@ -590,57 +1037,27 @@ def _advice(verdict, exponent, raw_shape, loss_obj, num_replicas):
 # ---------------------------------------------------------------------------
 
 
-def _replica_check(compiled, y_true, y_pred, sample_weight, num_replicas):
-    """Returns (mode, ratio with identical replicas, ratio with a split)."""
-    n = y_true.shape[0]
-    r = num_replicas
+def _replica_setup(compiled, num_replicas):
+    """`(mode, distributed)`: `distributed(parts)` sums the replicas' objectives.
+
+    `parts` holds one `(y_true, y_pred, sample_weight)` per replica.
+    """
+    devices = _tf_devices(num_replicas)
+    if devices is not None:
+        return "mirrored", _mirrored(compiled, devices)
+    return "simulated", _simulated(compiled, num_replicas)
+
+
+def _replica_ratio_same(fast, distributed, y_true, y_pred, sample_weight, r):
+    """The replicas' summed objective over the one-device loss, same samples each."""
 
     def tile(x):
         return None if x is None else np.tile(x, (r,) + (1,) * (x.ndim - 1))
 
-    same = [(y_true, y_pred, sample_weight)] * r
-    whole_same = (tile(y_true), tile(y_pred), tile(sample_weight))
-    usable = (n // r) * r
-    if usable >= r:
-        size = usable // r
-        split = [
-            (
-                y_true[i * size : (i + 1) * size],
-                y_pred[i * size : (i + 1) * size],
-                None
-                if sample_weight is None
-                else sample_weight[i * size : (i + 1) * size],
-            )
-            for i in range(r)
-        ]
-        whole_split = (
-            y_true[:usable],
-            y_pred[:usable],
-            None if sample_weight is None else sample_weight[:usable],
-        )
-    else:  # pragma: no cover (n >= 2 and r >= 2 make this unreachable for r<=n)
-        split, whole_split = None, None
-
-    devices = _tf_devices(r)
-    if devices is not None:
-        mode = "mirrored"
-        distributed = _mirrored(compiled, devices)
-    else:
-        mode = "simulated"
-        distributed = _simulated(compiled, r)
-
-    fast = compiled.compiled()
-
-    def ratio(parts, whole):
-        if parts is None:
-            return float("nan")
-        single = float(fast(*whole))
-        total = distributed(parts)
-        if single == 0:
-            return float("nan")
-        return total / single
-
-    return mode, ratio(same, whole_same), ratio(split, whole_split)
+    single = float(fast(tile(y_true), tile(y_pred), tile(sample_weight)))
+    if single == 0:
+        return float("nan")
+    return distributed([(y_true, y_pred, sample_weight)] * r) / single
 
 
 def _tf_devices(num_replicas):
@@ -662,6 +1079,21 @@ def _mirrored(compiled, devices):
     strategy = tf.distribute.MirroredStrategy(
         devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
     )
+    steps = {}  # one traced step with weights and one without
+
+    def step_for(has_weights):
+        if has_weights not in steps:
+
+            @tf.function
+            def step(values):
+                def replica_fn(yt, yp, sw):
+                    return compiled(yt, yp, sw if has_weights else None)
+
+                per_replica = strategy.run(replica_fn, args=values)
+                return strategy.reduce("SUM", per_replica, axis=None)
+
+            steps[has_weights] = step
+        return steps[has_weights]
 
     def distributed(parts):
         def value_fn(context):
@@ -673,17 +1105,7 @@ def _mirrored(compiled, devices):
             )
 
         values = strategy.experimental_distribute_values_from_function(value_fn)
-        has_weights = parts[0][2] is not None
-
-        @tf.function
-        def step(values):
-            def replica_fn(yt, yp, sw):
-                return compiled(yt, yp, sw if has_weights else None)
-
-            per_replica = strategy.run(replica_fn, args=values)
-            return strategy.reduce("SUM", per_replica, axis=None)
-
-        return float(step(values))
+        return float(step_for(parts[0][2] is not None)(values))
 
     return distributed
 
@@ -691,28 +1113,35 @@ def _mirrored(compiled, devices):
 def _simulated(compiled, num_replicas):
     fast = compiled.compiled()  # only ever traced and run under _replicas
     global_count = _global_count_loss(compiled.inner)
+    if global_count is None:
 
-    def distributed(parts):
-        if global_count is None:
+        def distributed(parts):
             with replicas.simulated_replicas(num_replicas):
                 return float(sum(float(fast(*part)) for part in parts))
-        # GlobalCount all-reduces the count: give every replica the sum of
-        # the replicas' counts (run eagerly, since the sum differs per call).
-        counts = [
-            float(
-                global_count.numerator_and_count(
-                    ops.convert_to_tensor(yt, dtype=global_count.dtype),
-                    ops.convert_to_tensor(yp, dtype=global_count.dtype),
-                )[1]
-            )
-            for yt, yp, _ in parts
-        ]
 
+        return distributed
+
+    # GlobalCount all-reduces the count: give every replica the sum of the
+    # replicas' counts, an argument of the (jitted) replica's loss.
+    def count_of(y_true, y_pred):
+        return global_count.numerator_and_count(
+            ops.convert_to_tensor(y_true, dtype=global_count.dtype),
+            ops.convert_to_tensor(y_pred, dtype=global_count.dtype),
+        )[1]
+
+    def replica_loss(y_true, y_pred, sample_weight, total):
         def summed(value):
-            return ops.convert_to_tensor(sum(counts), dtype=value.dtype)
+            return ops.cast(total, value.dtype)
 
         with replicas.simulated_replicas(num_replicas, summed):
-            return float(sum(float(compiled(*part)) for part in parts))
+            return compiled(y_true, y_pred, sample_weight)
+
+    count_of, replica_loss = _jitted(count_of), _jitted(replica_loss)
+
+    def distributed(parts):
+        total = sum(float(count_of(yt, yp)) for yt, yp, _ in parts)
+        total = np.asarray(total, "float32")
+        return float(sum(float(replica_loss(*part, total)) for part in parts))
 
     return distributed
 

@@ -19,6 +19,7 @@ from tests.seed_losses import ssd_keras_style_loss_times_batch
 from tests.seed_losses import ssd_numerator
 from tests.seed_losses import ssd_positives
 from tests.seed_losses import unnormalized_sum
+from tests.test_accumulation import VOCAB, token_data, token_sum, valid_tokens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +32,18 @@ def batch():
 def run(loss, batch, **kwargs):
     y_true, y_pred = batch
     return keras_batchfix.diagnose(loss, y_true, y_pred, **kwargs)
+
+
+def positives_ratio(batch, parts=2):
+    """Positives of the part with most over the part with fewest, by hand.
+
+    The images sorted by their positives (stable) and cut into `parts`
+    equal parts: a loss divided by each part's own count weighs the
+    samples of the first part this many times more than the last's.
+    """
+    positives = batch[0][..., 1:N_CLASSES].max(axis=-1).sum(axis=1)
+    halves = np.split(np.sort(positives, kind="stable"), parts)
+    return halves[-1].sum() / halves[0].sum()
 
 
 def keras_evaluate(loss, y_true, y_pred):
@@ -81,17 +94,25 @@ def test_ssd_keras_style_without_batch_size_is_inverse(batch):
     assert "compensate" in result.advice and "compensate" in str(result)
 
 
-def test_ssd_keras_style_with_batch_size_is_invariant(batch):
+def test_ssd_keras_style_with_batch_size_is_batch_invariant_not_split_invariant(batch):
+    # `* batch_size` undoes Keras's mean, but each replica and each
+    # micro-batch still divides by its own positives.
     result = run(ssd_keras_style_loss_times_batch, batch)
-    assert result.verdict == "invariant"
     assert abs(result.exponent) < 1e-3
     assert result.spike_factor(32, 4) == pytest.approx(1.0, abs=1e-2)
+    assert result.verdict == "local_count" and result.fix == "global_count"
+    expected = positives_ratio(batch)
+    assert result.unequal_split_factor == pytest.approx(expected, rel=1e-5)
+    assert result.accumulation_factor == pytest.approx(expected, rel=1e-5)
+    assert "GlobalCount" in result.advice and "micro_batches" in result.advice
 
 
 def test_compensate_fixes_the_ssd_keras_style_loss(batch):
     fixed = keras_batchfix.compensate(ssd_keras_style_loss)
     result = run(fixed, batch)
-    assert result.verdict == "invariant"
+    assert abs(result.exponent) < 1e-3  # the batch size is fixed;
+    assert result.verdict == "local_count"  # the count of each split is not
+    assert result.accumulation_mode == "keras"  # no count to hand over
     # The compensated value is the per-batch normalized loss, independently:
     y_true, y_pred = batch
     per_image = ssd_keras_style_loss(
@@ -101,12 +122,25 @@ def test_compensate_fixes_the_ssd_keras_style_loss(batch):
     assert result.repetitions[0][2] == pytest.approx(expected, rel=1e-5)
 
 
-def test_package_ssd_loss_is_invariant(batch):
+def test_package_ssd_loss(batch):
+    # The default LocalCount: exact on one device and under micro_batches,
+    # but each replica divides by its own positives.
     loss = keras_batchfix.SSDMultiboxLoss(num_classes=N_CLASSES, from_logits=True)
     result = run(loss, batch, repeats=(1, 2))
-    assert result.verdict == "invariant"
     assert abs(result.exponent) < 1e-3
     assert result.replica_ratio == pytest.approx(1.0, rel=1e-4)
+    assert result.verdict == "replica_split" and result.fix == "global_count"
+    assert result.unequal_split_factor == pytest.approx(positives_ratio(batch), rel=1e-4)
+    assert result.accumulation_mode == "micro_batches"
+    assert result.accumulation_factor == pytest.approx(1.0, abs=1e-5)
+    exact = keras_batchfix.SSDMultiboxLoss(
+        num_classes=N_CLASSES, from_logits=True, mining="per_image",
+        normalizer=keras_batchfix.GlobalCount(),
+    )
+    result = run(exact, batch, repeats=(1, 2))
+    assert result.verdict == "invariant" and result.ok
+    assert result.unequal_split_factor == pytest.approx(1.0, abs=1e-5)
+    assert result.accumulation_factor == pytest.approx(1.0, abs=1e-5)
 
 
 def test_an_ema_count_loss_is_diagnosed(batch):
@@ -180,7 +214,8 @@ def test_global_count_makes_any_split_exact(batch):
         ssd_numerator, count=ssd_positives, normalizer=keras_batchfix.GlobalCount()
     )
     local_result, global_result = run(local, batch), run(glob, batch)
-    assert local_result.verdict == global_result.verdict == "invariant"
+    assert global_result.verdict == "invariant"
+    assert local_result.verdict == "replica_split"  # the halves' counts differ
     assert global_result.replica_ratio == pytest.approx(1.0, rel=1e-5)
     assert global_result.replica_ratio_split == pytest.approx(1.0, rel=1e-5)
     # Per-replica counts: sum_r num_r / (2 C_r), over num / C, by hand.
@@ -220,6 +255,8 @@ def test_simulated_split_agrees_with_mirrored_strategy(batch, monkeypatch):
         assert (real.replica_mode, fake.replica_mode) == ("mirrored", "simulated")
         assert fake.replica_ratio == pytest.approx(real.replica_ratio, rel=1e-5)
         assert fake.replica_ratio_split == pytest.approx(real.replica_ratio_split, rel=1e-5)
+        assert fake.unequal_split_factor == pytest.approx(
+            real.unequal_split_factor, rel=1e-5)
 
 
 def test_shape_notes(batch):
@@ -263,12 +300,17 @@ def test_cli_in_process(npz, capsys):
     assert main(["diagnose", spec, "--data", npz]) == 0
     out = capsys.readouterr().out
     assert "VERDICT: inverse_batch_size" in out and "compensate" in out
+    assert "accumulation over 2 micro-batches" in out
     assert out.count("VERDICT:") == 1
     assert main(["diagnose", spec, "--data", npz, "--strict"]) == 3
     capsys.readouterr()
     assert main(["diagnose", "mse", "--data", npz, "--json", "--strict"]) == 0
     report = json.loads(capsys.readouterr().out)  # JSON only, no report
     assert report["verdict"] == "invariant"
+    assert report["accumulation_factor"] == pytest.approx(1.0, abs=1e-6)
+    assert main(["diagnose", spec, "--data", npz, "--json", "--accumulation-steps", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accumulation_steps"] == 4 and report["accumulation_factor"] > 1.1
     assert main(["diagnose", "tests.seed_losses:nope", "--data", npz]) == 1
     assert "nope" in capsys.readouterr().err
     assert main(["diagnose", "tests.seed_losses.ema_count_ssd_loss", "--data", npz]) == 1
@@ -295,4 +337,95 @@ def test_cli_subprocess(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "VERDICT: invariant -> fix: none" in proc.stdout
+    assert "exponent of B: " in proc.stdout
+    assert "accumulation over 2 micro-batches" in proc.stdout
+    assert "VERDICT: local_count -> fix: global_count" in proc.stdout
+
+
+# ------------------------------------------- accumulation and unequal splits
+def token_batch(size=16):
+    """Padded next-token targets (lengths 3..12) and random logits."""
+    _, y = token_data()
+    logits = np.random.default_rng(5).normal(size=y[:size].shape + (VOCAB,))
+    return y[:size], logits.astype("float32")
+
+
+def tokens_ratio(y_true, parts=2):
+    """Valid tokens of the part with most over the part with fewest, by hand."""
+    counts = np.split(np.sort((y_true > 0).sum(axis=1), kind="stable"), parts)
+    return counts[-1].sum() / counts[0].sum()
+
+
+def test_global_count_token_loss_is_exact_under_accumulation():
+    y_true, logits = token_batch()
+    loss = keras_batchfix.compensate(
+        token_sum, count=valid_tokens, normalizer=keras_batchfix.GlobalCount()
+    )
+    result = run(loss, (y_true, logits))
+    assert result.accumulation_mode == "micro_batches"
+    assert abs(result.accumulation_factor - 1.0) < 1e-6
+    assert abs(result.unequal_split_factor - 1.0) < 1e-6
+    assert result.probes == {"replicas": "sample weights", "accumulation": "sample weights"}
+    assert result.verdict == "invariant" and result.ok
+    assert "No fix needed" in result.advice and "unequal counts" in result.advice
+    # Keras's own accumulation of it weighs short sequences more, by the
+    # halves' token counts (the split really had unequal counts):
+    expected = tokens_ratio(y_true)
+    assert expected > 1.5
+    assert result.keras_accumulation_factor == pytest.approx(expected, rel=1e-5)
+    assert "gradient_accumulation_steps" in result.advice
+    assert "accumulation over 2 micro-batches" in str(result)
+    four = run(loss, (y_true, logits), accumulation_steps=4)
+    assert abs(four.accumulation_factor - 1.0) < 1e-6
+    assert four.keras_accumulation_factor == pytest.approx(
+        tokens_ratio(y_true, 4), rel=1e-5
+    )
+
+
+def test_local_count_token_loss_is_exact_accumulated_not_split():
+    y_true, logits = token_batch()
+    loss = keras_batchfix.compensate(token_sum, count=valid_tokens)
+    result = run(loss, (y_true, logits))
+    assert abs(result.accumulation_factor - 1.0) < 1e-6  # counts summed
+    assert result.unequal_split_factor == pytest.approx(tokens_ratio(y_true), rel=1e-5)
+    assert result.verdict == "replica_split" and result.fix == "global_count"
+    assert "GlobalCount" in result.advice
+
+
+def test_per_batch_normalized_loss_is_not_exact_under_accumulation(batch):
+    # ssd_keras's layout: each micro-batch divides by its own positives.
+    result = run(ssd_keras_style_loss, batch)
+    assert result.accumulation_mode == "keras"
+    assert result.accumulation_factor == pytest.approx(positives_ratio(batch), rel=1e-5)
+    assert abs(result.accumulation_factor - 1.0) > 0.2
+    four = run(ssd_keras_style_loss, batch, accumulation_steps=4)
+    assert four.accumulation_factor == pytest.approx(positives_ratio(batch, 4), rel=1e-5)
+    assert "accumulation" in str(result) and "x1.5" in str(result)
+
+
+def test_plain_mean_and_sum_are_exact_under_accumulation(batch):
+    mean = run("mse", batch)
+    assert abs(mean.accumulation_factor - 1.0) < 1e-6
+    assert abs(mean.unequal_split_factor - 1.0) < 1e-6
+    # A scalar sum: measured by moving each part's predictions; Keras's mean
+    # of k sums is 1/k of it for every sample (the exponent's business).
+    total = run(unnormalized_sum, batch)
+    assert total.probes["accumulation"] == "predictions"
+    assert total.accumulation_factor == pytest.approx(1.0, abs=1e-4)
+    assert total.verdict == "batch_size"
+
+
+def test_no_exact_verdict_without_unequal_counts(batch):
+    for loss in ("mse", keras_batchfix.compensate(
+        ssd_numerator, count=ssd_positives, normalizer=keras_batchfix.GlobalCount()
+    )):
+        result = run(loss, batch)
+        assert result.verdict == "invariant"
+        assert "every replica split" not in str(result)
+        assert "split with unequal counts" in result.advice
+
+
+def test_rejects_bad_accumulation_steps(batch):
+    for steps in (1, 2.5, True):
+        with pytest.raises(ValueError, match="accumulation_steps"):
+            run("mse", batch, accumulation_steps=steps)

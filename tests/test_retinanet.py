@@ -42,9 +42,17 @@ def test_diagnose_model_flags_the_replica_sum(fixed):
     result = keras_batchfix.diagnose_model(compiled(fixed), x, y)
     assert abs(result.exponent) < 1e-3
     if fixed:
-        assert result.verdict == "invariant"
         assert result.replica_factor == pytest.approx(1.0, rel=1e-4)
         assert result.replica_factor_split == pytest.approx(1.0, rel=1e-4)
+        # Its compute_loss ignores sample weights: measured by moving the
+        # predictions of each part (finite differences).
+        assert result.probes["replicas"] == "predictions"
+        assert result.unequal_split_factor == pytest.approx(1.0, abs=1e-2)
+        # Keras's gradient_accumulation_steps divides each micro-batch by
+        # its own positives, and micro_batches does not slice an override.
+        assert result.verdict == "accumulation"
+        assert result.accumulation_factor > 1.2
+        assert "compute_loss override" in result.advice
     else:
         assert result.verdict == "replica_sum"
         assert result.replica_factor == pytest.approx(2.0, rel=1e-4)
