@@ -49,7 +49,7 @@ import time
 from _backends import (BACKENDS, ROOT, cpu_name, device_and_version, emit, run_worker,
                        write_csv)
 
-VOCAB, LENGTH, SEQUENCES, HIDDEN = 50, 12, 124, 16
+HIDDEN = 16
 BATCH, K = 32, 4  # the batch of one update, and the micro-batches it is run as
 RUNS = {
     "a": "(a) one pass: batches of 32",
@@ -59,25 +59,13 @@ RUNS = {
 }
 
 
-def token_data():
-    """Sequences of 3..12 tokens padded with 0; the target is the next token."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    x = np.zeros((SEQUENCES, LENGTH), "int32")
-    for row, length in enumerate(rng.integers(3, LENGTH + 1, SEQUENCES)):
-        x[row, :length] = rng.integers(1, VOCAB, length)
-    y = np.roll(x, -1, axis=1)
-    y[:, -1] = 0  # the last valid token predicts 0: the end of the sequence
-    return x, y
-
-
 def train(epochs):
     """Runs every run on the current backend; one row per run and update."""
     import keras
     import numpy as np
 
     import keras_batchfix
+    from keras_batchfix.references.token_data import LENGTH, SEQUENCES, VOCAB, token_data
 
     x, y = token_data()
     rng = np.random.default_rng(3)

@@ -24,6 +24,7 @@ from keras import ops
 
 import keras_batchfix
 from keras_batchfix import CenterLoss, compensate
+from keras_batchfix.references.token_data import LENGTH, VOCAB, token_data
 from tests.composition import (
     BIG_BATCH,
     CELLS,
@@ -101,18 +102,6 @@ def test_keras_accumulation_is_not_one_pass():
 
 
 # ------------------------------------------------------ a token language model
-VOCAB, LENGTH, SEQUENCES = 50, 12, 124
-
-
-def token_data():
-    """Sequences of lengths 3..12 padded with 0; the targets are the next token."""
-    rng = np.random.default_rng(0)
-    x = np.zeros((SEQUENCES, LENGTH), "int32")
-    for row, length in enumerate(rng.integers(3, LENGTH + 1, SEQUENCES)):
-        x[row, :length] = rng.integers(1, VOCAB, length)
-    y = np.roll(x, -1, axis=1)
-    y[:, -1] = 0
-    return x, y
 
 
 def token_sum(y_true, y_pred):
