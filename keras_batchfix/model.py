@@ -141,10 +141,15 @@ class NormalizerUpdates:
 
 
 def _override(cls, method):
-    """The first class, not Keras's nor the mixin, that defines `method`."""
+    """The first class above Keras's (not the mixin) that defines `method`.
+
+    Keras's own classes end the search: below them come the backend's (on
+    torch, `torch.nn.Module`, which has a `compile` of its own).
+    """
     for klass in cls.__mro__:
-        if klass is not NormalizerUpdates and method in vars(klass) \
-                and not klass.__module__.startswith("keras."):
+        if klass.__module__.startswith("keras."):
+            return None
+        if klass is not NormalizerUpdates and method in vars(klass):
             return klass
     return None
 
