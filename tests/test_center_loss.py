@@ -291,10 +291,10 @@ def test_invalid_labels_in_fit_give_a_nan_loss_on_every_backend(bad):
     )
 
 
-def test_trainable_centers_opt_in_get_optimizer_step():
-    rng = np.random.default_rng(5)
-    n, lr, alpha = 6, 0.2, 0.5
-    x = rng.normal(size=(n, D)).astype("float32")
+def trainable_centers_model(seed, lr, alpha):
+    """`(model, layer, x, y, c0)`: a `CenterLoss` with trainable centers, SGD(lr)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(6, D)).astype("float32")
     y = np.array([0, 0, 1, 3, 3, 3], "int32")
     c0 = rng.normal(size=(K, D))
     layer = CenterLoss(
@@ -306,8 +306,14 @@ def test_trainable_centers_opt_in_get_optimizer_step():
     features = keras.Input((D,))
     labels = keras.Input((), dtype="int32")
     model = keras.Model([features, labels], layer([features, labels]))
-    assert any(v is layer.centers for v in model.trainable_variables)
     model.compile(optimizer=keras.optimizers.SGD(lr))
+    return model, layer, x, y, c0
+
+
+def test_trainable_centers_opt_in_get_optimizer_step():
+    n, lr, alpha = 6, 0.2, 0.5
+    model, layer, x, y, c0 = trainable_centers_model(5, lr, alpha)
+    assert any(v is layer.centers for v in model.trainable_variables)
     history = model.fit([x, y], batch_size=n, verbose=0)
     np.testing.assert_allclose(
         to_numpy(layer.centers),
@@ -328,22 +334,9 @@ def test_trainable_centers_take_alpha_above_one_as_a_learning_rate_multiplier():
     rate, so centers at 0.5 beside a model at 0.05 need `alpha=10`: accepted,
     and each step moves the centers by `0.05 * 10` times the paper's step.
     """
-    rng = np.random.default_rng(29)
     n, lr, alpha = 6, 0.05, 10.0
-    x = rng.normal(size=(n, D)).astype("float32")
-    y = np.array([0, 0, 1, 3, 3, 3], "int32")
-    c0 = rng.normal(size=(K, D))
-    layer = CenterLoss(
-        K,
-        alpha=alpha,
-        centers_trainable=True,
-        centers_initializer=keras.initializers.Constant(c0),
-    )
+    model, layer, x, y, c0 = trainable_centers_model(29, lr, alpha)
     assert layer.alpha == 10.0
-    features = keras.Input((D,))
-    labels = keras.Input((), dtype="int32")
-    model = keras.Model([features, labels], layer([features, labels]))
-    model.compile(optimizer=keras.optimizers.SGD(lr))
     model.fit([x, y], batch_size=n, epochs=2, verbose=0)  # two steps
     want = numpy_center_step(numpy_center_step(c0, x, y, lr * alpha), x, y, lr * alpha)
     np.testing.assert_allclose(to_numpy(layer.centers), want, rtol=1e-5, atol=1e-6)
