@@ -31,7 +31,7 @@ Memory, in bytes of the model's parameters (P, one gradient-sized buffer):
   * held during an update: by design the package sums the slices' gradients
     into one buffer per group of loss terms (terms that share a count and a
     normalizer; this model's one loss is one group): P, freed after the
-    update (keras_batchfix/accumulation.py). Measured on torch as the
+    update (keras_batchfix/training/accumulation.py). Measured on torch as the
     largest rise of the resident set during one update above its level
     before (`harness.peak_step_bytes`, in a worker of its own), and on JAX
     as XLA's scratch memory of the compiled train step
@@ -313,7 +313,7 @@ def report(args, results):
     if args.quick:
         print("--quick: tiny sizes and memory measured in the timing workers; the numbers "
               "check that the script runs, they measure nothing.")
-    print("By design (keras_batchfix/accumulation.py) the package holds during an update one "
+    print("By design (keras_batchfix/training/accumulation.py) the package holds during an update one "
           "gradient sum per group of loss terms (this model: one group, 1 P), freed after it, "
           "where Keras's accumulation holds 1 P for all of training; a 'MISSED' memory target "
           "means the measure found more than that (the 1.5 P threshold allows for rounding).")

@@ -29,7 +29,7 @@ def parts():
     from keras import ops
 
     from keras_batchfix import SSDMultiboxLoss, kernels
-    from keras_batchfix.ssd_loss import _invalid_inputs
+    from keras_batchfix.ssd.loss import _invalid_inputs
 
     n = NUM_CLASSES
 

@@ -7,10 +7,10 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _API = {
-    "num_anchors_per_cell": "keras_batchfix.anchors",
-    "ssd_anchors": "keras_batchfix.anchors",
-    "encode_ssd_targets": "keras_batchfix.box_matching",
-    "match_anchors": "keras_batchfix.box_matching",
+    "num_anchors_per_cell": "keras_batchfix.ssd.anchors",
+    "ssd_anchors": "keras_batchfix.ssd.anchors",
+    "encode_ssd_targets": "keras_batchfix.ssd.box_matching",
+    "match_anchors": "keras_batchfix.ssd.box_matching",
     "CenterLoss": "keras_batchfix.center_loss",
     "compensate": "keras_batchfix.compensate",
     "diagnose": "keras_batchfix.diagnose",
@@ -20,10 +20,10 @@ _API = {
     "EMACount": "keras_batchfix.normalizers",
     "GlobalCount": "keras_batchfix.normalizers",
     "LocalCount": "keras_batchfix.normalizers",
-    "Model": "keras_batchfix.model",
-    "NormalizerUpdates": "keras_batchfix.model",
+    "Model": "keras_batchfix.training.model",
+    "NormalizerUpdates": "keras_batchfix.training.model",
     "SpikeMonitor": "keras_batchfix.spike_monitor",
-    "SSDMultiboxLoss": "keras_batchfix.ssd_loss",
+    "SSDMultiboxLoss": "keras_batchfix.ssd.loss",
 }
 
 __all__ = [*_API, "__version__"]

@@ -36,7 +36,7 @@ class GemmaCausalLM(keras_batchfix.NormalizerUpdates, keras_hub.models.GemmaCaus
 import keras
 import keras_hub
 
-from keras_batchfix.model import NormalizerUpdates
+from keras_batchfix.training.model import NormalizerUpdates
 
 
 def token_loss():

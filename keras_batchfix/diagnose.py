@@ -619,7 +619,7 @@ def _micro_batches_loss(loss):
 
     What `compile(micro_batches=k)` optimizes for a `NormalizedLoss` with a
     count: the numerators and the counts of the micro-batches summed, and
-    divided once (`keras_batchfix.accumulation`); `parts` holds each
+    divided once (`keras_batchfix.training.accumulation`); `parts` holds each
     micro-batch's `(y_true, y_pred, sample_weight)`. Jitted on JAX.
     """
 

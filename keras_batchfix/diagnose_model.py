@@ -33,7 +33,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_batchfix import _keras_compat, _split_weights, _validation, accumulation, replicas
+from keras_batchfix import _keras_compat, _split_weights, _validation, replicas
+from keras_batchfix.training import accumulation
 from keras_batchfix._keras_compat import print_msg
 from keras_batchfix.diagnose import (
     KERAS_ACCUMULATION,
@@ -319,7 +320,7 @@ def diagnose_model(
 
 def _overrides_compute_loss(model):
     """Whether the model's class computes its loss in its own `compute_loss`."""
-    from keras_batchfix.model import NormalizerUpdates
+    from keras_batchfix.training.model import NormalizerUpdates
 
     for cls in type(model).__mro__:
         if cls is keras.Model:
@@ -411,7 +412,7 @@ class _ModelProbe:
     def package_pass(self, x, y, weights=None, delta=None, steps=2):
         """The loss of `compile(micro_batches=steps)`'s step on one batch.
 
-        As `keras_batchfix.accumulation`: each term's numerators and counts
+        As `keras_batchfix.training.accumulation`: each term's numerators and counts
         summed over the micro-batches, the summed numerator times the
         term's scale (its replica factor over its divisor of the summed
         count). The forward passes run with `training=False`.

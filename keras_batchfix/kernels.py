@@ -101,6 +101,44 @@ def kth_largest_by_topk(scores, k):
     return kth, at_least
 
 
+def top_k_mask(scores, k):
+    """Boolean mask of the `k[r]` largest entries of each row of `scores`.
+
+    `scores` has shape `(rows, ...)`: a row is everything after the first
+    axis (in row-major order). Candidates are `>= 0`, entries that must never
+    be selected are negative. `k` has shape `(rows,)` and must not exceed a
+    row's number of candidates. Exactly `k[r]` entries are selected in row
+    `r`; among equal scores the first ones win.
+
+    No sort: the k-th largest value (`kth_largest`) is the threshold,
+    and the mask is `scores >= kth_largest`, unless some row has more entries
+    equal to its k-th largest than it may take: only then (an `ops.cond`) is
+    the costlier first-come tie-break computed, a cumulative sum over the row.
+    """
+    scores = ops.convert_to_tensor(scores, dtype="float32")
+    k = ops.convert_to_tensor(k, dtype="int32")
+    kth_largest, at_least_kth = kth_largest(scores, ops.maximum(k, 1))
+    kth_largest = per_row(kth_largest, scores)
+    wanted = per_row(k, scores)
+    no_excess_ties = ops.all(ops.logical_or(at_least_kth == k, k == 0))
+
+    def all_at_least_kth():
+        return scores >= kth_largest
+
+    def first_ties_only():
+        above = scores > kth_largest
+        tied = scores == kth_largest
+        flat_ties = ops.reshape(ops.cast(tied, "int32"), (ops.shape(scores)[0], -1))
+        tie_rank = ops.reshape(ops.cumsum(flat_ties, axis=-1), ops.shape(scores))
+        n_above = per_row(count_per_row(above), scores)
+        return ops.logical_or(
+            above, ops.logical_and(tied, tie_rank <= wanted - n_above)
+        )
+
+    selected = ops.cond(no_excess_ties, all_at_least_kth, first_ties_only)
+    return ops.logical_and(selected, wanted > 0)
+
+
 def count_per_row(mask):
     """Number of true entries of each row (all axes but the first), int32."""
     return ops.sum(ops.cast(mask, "int32"), axis=tuple(range(1, len(mask.shape))))
@@ -280,6 +318,26 @@ def _update_in_place(variable, value, method):
         value = _torch_tensor(value).to(variable.value.dtype)
     with torch.no_grad():
         getattr(variable.value, method)(value)
+
+
+def is_concrete(tensor):
+    """Whether `tensor` holds values now (eager), not a traced placeholder."""
+    if _backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly()
+    if _backend() == "jax":
+        import jax
+
+        return not isinstance(tensor, jax.core.Tracer)
+    if _backend() == "torch":
+        import torch
+
+        if tensor.device.type == "meta":
+            return False
+        compiling = getattr(torch.compiler, "is_compiling", None)
+        return not (compiling and compiling())
+    return False
 
 
 def _torch_tensor(x):

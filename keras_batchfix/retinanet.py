@@ -30,7 +30,7 @@ import keras_hub
 from keras import ops
 
 from keras_batchfix import normalizers, replicas
-from keras_batchfix.model import NormalizerUpdates
+from keras_batchfix.training.model import NormalizerUpdates
 from keras_batchfix.normalized_loss import count_weight
 
 _KerasHubRetinaNet = keras_hub.models.RetinaNetObjectDetector

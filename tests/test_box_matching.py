@@ -10,7 +10,7 @@ from keras_batchfix import (
     match_anchors,
     ssd_anchors,
 )
-from keras_batchfix.box_matching import BACKGROUND, NEUTRAL
+from keras_batchfix.ssd.box_matching import BACKGROUND, NEUTRAL
 
 NUM_CLASSES = 4
 VARIANCES = np.array([0.1, 0.1, 0.2, 0.2])

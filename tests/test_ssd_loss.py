@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from keras_batchfix import SSDMultiboxLoss
-from keras_batchfix.ssd_loss import top_k_mask
+from keras_batchfix.kernels import top_k_mask
 from tests.gradients import value_and_grad
 from tests.training import batch_loss
 from keras_batchfix.references.ssd_data import random_batch

@@ -6,7 +6,6 @@ import keras
 from keras import ops
 
 from keras_batchfix import _validation, kernels
-from keras_batchfix.center_loss import _is_concrete
 from keras_batchfix.normalized_loss import NormalizedLoss
 
 MINING_MODES = ("batch", "per_image")
@@ -189,7 +188,7 @@ class SSDMultiboxLoss(NormalizedLoss):
         direct call, torch's `fit`), never in a traced step (TensorFlow's or
         JAX's `fit`), where it would cost a host round-trip every step.
         """
-        if not _is_concrete(class_scores):
+        if not kernels.is_concrete(class_scores):
             return
         self._checked_logits = True
         row_sums = ops.sum(class_scores, axis=-1)
@@ -208,7 +207,7 @@ class SSDMultiboxLoss(NormalizedLoss):
 
     def _mine(self, cross_entropy, positives, negatives):
         """0/1 mask of the hard negatives, shape `(batch, anchors)`."""
-        axis = -1  # per image: a row of `top_k_mask` is an image
+        axis = -1  # per image: a row of `kernels.top_k_mask` is an image
         if self.mining == "batch":  # one row: the whole batch, (1, batch, anchors)
             axis = None
             # The scores are built in the row layout, not reshaped into it: a
@@ -228,7 +227,7 @@ class SSDMultiboxLoss(NormalizedLoss):
         )
         available = ops.sum(ops.cast(is_negative, "float32"), axis=axis)
         k = ops.cast(ops.minimum(wanted, available), "int32")
-        mask = top_k_mask(scores, ops.reshape(k, (-1,)))
+        mask = kernels.top_k_mask(scores, ops.reshape(k, (-1,)))
         return ops.cast(ops.reshape(mask, ops.shape(positives)), cross_entropy.dtype)
 
     def _check_shapes(self, y_true, y_pred):
@@ -294,41 +293,3 @@ def _invalid_inputs(class_targets, target_total, class_scores, from_logits):
 
 def _not_binary(x):
     return ops.logical_and(x != 0.0, x != 1.0)
-
-
-def top_k_mask(scores, k):
-    """Boolean mask of the `k[r]` largest entries of each row of `scores`.
-
-    `scores` has shape `(rows, ...)`: a row is everything after the first
-    axis (in row-major order). Candidates are `>= 0`, entries that must never
-    be selected are negative. `k` has shape `(rows,)` and must not exceed a
-    row's number of candidates. Exactly `k[r]` entries are selected in row
-    `r`; among equal scores the first ones win.
-
-    No sort: the k-th largest value (`kernels.kth_largest`) is the threshold,
-    and the mask is `scores >= kth_largest`, unless some row has more entries
-    equal to its k-th largest than it may take: only then (an `ops.cond`) is
-    the costlier first-come tie-break computed, a cumulative sum over the row.
-    """
-    scores = ops.convert_to_tensor(scores, dtype="float32")
-    k = ops.convert_to_tensor(k, dtype="int32")
-    kth_largest, at_least_kth = kernels.kth_largest(scores, ops.maximum(k, 1))
-    kth_largest = kernels.per_row(kth_largest, scores)
-    wanted = kernels.per_row(k, scores)
-    no_excess_ties = ops.all(ops.logical_or(at_least_kth == k, k == 0))
-
-    def all_at_least_kth():
-        return scores >= kth_largest
-
-    def first_ties_only():
-        above = scores > kth_largest
-        tied = scores == kth_largest
-        flat_ties = ops.reshape(ops.cast(tied, "int32"), (ops.shape(scores)[0], -1))
-        tie_rank = ops.reshape(ops.cumsum(flat_ties, axis=-1), ops.shape(scores))
-        n_above = kernels.per_row(kernels.count_per_row(above), scores)
-        return ops.logical_or(
-            above, ops.logical_and(tied, tie_rank <= wanted - n_above)
-        )
-
-    selected = ops.cond(no_excess_ties, all_at_least_kth, first_ties_only)
-    return ops.logical_and(selected, wanted > 0)

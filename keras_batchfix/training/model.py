@@ -16,7 +16,8 @@ uses `keras_batchfix.count_weight`).
 
 import keras
 
-from keras_batchfix import accumulation, normalizers
+from keras_batchfix import normalizers
+from keras_batchfix.training import accumulation
 
 
 class NormalizerUpdates:
@@ -24,7 +25,7 @@ class NormalizerUpdates:
 
     `compile(..., micro_batches=k)` runs every batch of `fit` as one update
     computed in `k` slices, exact for every count-normalized loss
-    (`keras_batchfix.accumulation`).
+    (`keras_batchfix.training.accumulation`).
 
     Put it before the model class: `class Detector(NormalizerUpdates,
     keras.Model)`, or `class Fixed(NormalizerUpdates, SomeKerasHubModel)`.
