@@ -34,7 +34,7 @@ import numpy as np
 from keras import ops
 
 from keras_batchfix import _keras_compat, _split_weights, _validation, replicas
-from keras_batchfix.training import accumulation
+from keras_batchfix.training import accumulation, loss_terms
 from keras_batchfix._keras_compat import print_msg
 from keras_batchfix.diagnose import (
     KERAS_ACCUMULATION,
@@ -430,7 +430,7 @@ class _ModelProbe:
             sw = self.sample_weight(
                 None if weights is None else weights[rows], y_pred
             )
-            for key, group in accumulation.combine(
+            for key, group in loss_terms.combine(
                 _terms(self.model, xs, ys, y_pred, sw, len(bounds))
             ).items():
                 groups.setdefault(key, group)
@@ -438,7 +438,7 @@ class _ModelProbe:
                 if group.count is not None:
                     counts[key] = accumulation._add(counts.get(key), group.count)
         return sum(
-            numerators[key] * _float(accumulation.scale(
+            numerators[key] * _float(loss_terms.scale(
                 counts.get(key), group.normalizer, group.is_global
             ))
             for key, group in groups.items()
@@ -540,16 +540,16 @@ def _float(value):
 
 
 def _terms(model, x, y, y_pred, sample_weight, slices):
-    """`accumulation.forward_terms` on predictions already made (no training pass)."""
+    """`loss_terms.forward_terms` on predictions already made (no training pass)."""
     terms, own = [], set()
-    for layer in accumulation.center_loss_layers(model):
+    for layer in loss_terms.center_loss_layers(model):
         for value in layer.losses:
             own.add(id(value))
             count = ops.cast(keras.tree.flatten(x)[0].shape[0], "float32")
-            key = ("samples", accumulation._normalizer_key(layer.normalizer))
-            terms.append(accumulation.Term(key, value, count, layer.normalizer))
+            key = ("samples", loss_terms.normalizer_key(layer.normalizer))
+            terms.append(loss_terms.Term(key, value, count, layer.normalizer))
     others = [value for value in model.losses if id(value) not in own]
-    return accumulation.loss_terms(
+    return loss_terms.loss_terms(
         model, y, y_pred, sample_weight, others, slices
     ) + terms
 

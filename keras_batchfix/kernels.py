@@ -111,23 +111,23 @@ def top_k_mask(scores, k):
     `r`; among equal scores the first ones win.
 
     No sort: the k-th largest value (`kth_largest`) is the threshold,
-    and the mask is `scores >= kth_largest`, unless some row has more entries
+    and the mask is `scores >= threshold`, unless some row has more entries
     equal to its k-th largest than it may take: only then (an `ops.cond`) is
     the costlier first-come tie-break computed, a cumulative sum over the row.
     """
     scores = ops.convert_to_tensor(scores, dtype="float32")
     k = ops.convert_to_tensor(k, dtype="int32")
-    kth_largest, at_least_kth = kth_largest(scores, ops.maximum(k, 1))
-    kth_largest = per_row(kth_largest, scores)
+    threshold, at_least_kth = kth_largest(scores, ops.maximum(k, 1))
+    threshold = per_row(threshold, scores)
     wanted = per_row(k, scores)
     no_excess_ties = ops.all(ops.logical_or(at_least_kth == k, k == 0))
 
     def all_at_least_kth():
-        return scores >= kth_largest
+        return scores >= threshold
 
     def first_ties_only():
-        above = scores > kth_largest
-        tied = scores == kth_largest
+        above = scores > threshold
+        tied = scores == threshold
         flat_ties = ops.reshape(ops.cast(tied, "int32"), (ops.shape(scores)[0], -1))
         tie_rank = ops.reshape(ops.cumsum(flat_ties, axis=-1), ops.shape(scores))
         n_above = per_row(count_per_row(above), scores)

@@ -31,8 +31,8 @@ import keras
 from keras import ops
 
 from keras_batchfix import _keras_compat, _validation, normalizers, replicas
-from keras_batchfix.center_loss import CenterLoss
-from keras_batchfix.normalized_loss import NormalizedLoss, _as_values, weighted_sum
+from keras_batchfix.training import loss_terms
+from keras_batchfix.training.loss_terms import batch_size, combine, forward_terms
 
 
 def check_micro_batches(micro_batches):
@@ -43,12 +43,6 @@ def check_micro_batches(micro_batches):
 
 
 # ------------------------------------------------------------------ slicing
-def _batch_size(data):
-    first = next(v for v in keras.tree.flatten(data) if v is not None)
-    size = first.shape[0]
-    return size if size is not None else ops.shape(first)[0]
-
-
 def micro_batch_bounds(size, micro_batches):
     """`(start, stop)` of each slice: sizes differ by at most one.
 
@@ -71,193 +65,6 @@ def micro_batch_bounds(size, micro_batches):
 def _slice(data, start, stop):
     return keras.tree.map_structure(
         lambda v: None if v is None else v[start:stop], data
-    )
-
-
-# -------------------------------------------------------------------- terms
-class Term:
-    """One additive part of the loss: `numerator / divisor(count)`.
-
-    Terms with equal `key` share a count and a normalizer and are summed
-    before differentiation. `normalizer` is None for a term without a count
-    (then `is_global` says whether the replicas' values add up or average).
-    """
-
-    def __init__(self, key, numerator, count=None, normalizer=None, is_global=True):
-        self.key = key
-        self.numerator = numerator
-        self.count = count
-        self.normalizer = normalizer
-        self.is_global = normalizer.is_global if normalizer is not None else is_global
-
-
-def _normalizer_key(normalizer):
-    if normalizers.stateful(normalizer):
-        return id(normalizer)
-    return type(normalizer).__name__
-
-
-def _loss_name(loss):
-    return getattr(loss, "name", None) or repr(loss)
-
-
-def _normalized_loss_term(path, loss, y_true, y_pred, sample_weight):
-    mask = _keras_compat.get_keras_mask(y_pred)
-    y_true = ops.convert_to_tensor(y_true, dtype=loss.dtype)
-    y_pred = ops.convert_to_tensor(y_pred, dtype=loss.dtype)
-    numerator, count = loss.numerator_and_count(y_true, y_pred)
-    if count is None:
-        raise ValueError(
-            f"Loss {_loss_name(loss)!r} normalizes itself (it has no `count`), "
-            "so its micro-batches cannot be combined into the batch's loss. "
-            "With `micro_batches`, hand the numerator and the count "
-            "separately: `keras_batchfix.compensate(numerator, count=...)`."
-        )
-    numerator = _as_values(loss, "numerator", numerator, loss.dtype)
-    count = _as_values(loss, "count", count, "float32")
-    key = ("count", path, _normalizer_key(loss.normalizer))
-    return Term(key, weighted_sum(numerator, sample_weight, mask), count, loss.normalizer)
-
-
-def _keras_loss_term(path, loss, y_true, y_pred, sample_weight):
-    """Numerator and count of a Keras `Loss` reduced as Keras reduces it."""
-    in_mask = _keras_compat.get_keras_mask(y_pred)
-    y_true = keras.tree.map_structure(
-        lambda v: ops.convert_to_tensor(v, dtype=loss.dtype), y_true
-    )
-    y_pred = keras.tree.map_structure(
-        lambda v: ops.convert_to_tensor(v, dtype=loss.dtype), y_pred
-    )
-    values = loss.call(y_true, y_pred)
-    out_mask = _keras_compat.get_keras_mask(values)
-    mask = in_mask if out_mask is None else (
-        out_mask if in_mask is None else in_mask & out_mask
-    )
-    reduction = loss.reduction
-    if len(values.shape) == 0 and reduction != "sum":
-        raise ValueError(
-            f"Loss {_loss_name(loss)!r} returns a scalar, so its micro-batches "
-            "cannot be combined into the batch's loss. With `micro_batches`, "
-            "return per-sample values, or hand the numerator and the count "
-            "separately: `keras_batchfix.compensate(numerator, count=...)`."
-        )
-    numerator = _keras_compat.reduce_weighted_values(
-        values, sample_weight, mask, reduction="sum", dtype=loss.dtype
-    )
-    if reduction == "sum":
-        return Term(("sum",), numerator, is_global=True)
-    if reduction == "mean_with_sample_weight":
-        weights = _keras_compat.apply_mask(sample_weight, mask, loss.dtype, "sum")
-        if weights is None:
-            weights = ops.ones_like(values)
-        count = ops.sum(ops.cast(weights, "float32"))
-        return Term(("weights", path), numerator, count, normalizers.GlobalCount())
-    if reduction not in ("sum_over_batch_size", "mean"):
-        raise ValueError(
-            f"Loss {_loss_name(loss)!r} has reduction {reduction!r}; with "
-            "`micro_batches` a compiled loss must be reduced with "
-            "'sum_over_batch_size', 'mean', 'mean_with_sample_weight' or 'sum'."
-        )
-    global_count = normalizers.GlobalCount()
-    if mask is not None:  # Keras divides by the valid entries
-        count = ops.sum(ops.cast(mask, "float32"))
-        return Term(("mask", path), numerator, count, global_count)
-    # Keras divides by the number of values: the samples times a per-sample
-    # size that is the same for every slice of a batch.
-    shape = ops.shape(values)
-    per_sample = 1
-    for dim in shape[1:]:
-        per_sample = per_sample * dim
-    numerator = numerator / ops.cast(per_sample, numerator.dtype)
-    count = ops.cast(shape[0], "float32")
-    return Term(("samples", _normalizer_key(global_count)), numerator, count, global_count)
-
-
-def _leaf(path, nest):
-    """The entry of `nest` at `path` (keys and indices, as Keras's losses have)."""
-    for key in path:
-        nest = nest[key]
-    return nest
-
-
-def all_layers(layer):
-    """`layer`'s layers, nested models' layers included."""
-    for sublayer in getattr(layer, "layers", ()):
-        yield sublayer
-        yield from all_layers(sublayer)
-
-
-def center_loss_layers(model):
-    return [layer for layer in all_layers(model) if isinstance(layer, CenterLoss)]
-
-
-def forward_terms(model, x, y, sample_weight, slices):
-    """Runs `model` on one slice; returns `(y_pred, terms of its loss)`.
-
-    A `CenterLoss` (run as slices) adds its numerator, a sum over the
-    slice's samples. Any other `add_loss` value (a regularizer) is taken as
-    a per-step value and spread evenly over the batch's `slices`.
-    """
-    y_pred = model(x, training=True)
-    terms = []
-    own = set()
-    for layer in center_loss_layers(model):
-        for value in layer.losses:
-            own.add(id(value))
-            count = ops.cast(_batch_size(x), "float32")
-            key = ("samples", _normalizer_key(layer.normalizer))
-            terms.append(Term(key, value, count, layer.normalizer))
-    others = [value for value in model.losses if id(value) not in own]
-    return y_pred, loss_terms(model, y, y_pred, sample_weight, others, slices) + terms
-
-
-def loss_terms(model, y, y_pred, sample_weight, layer_losses, slices):
-    """The terms of `model`'s compiled loss on one slice, and of `layer_losses`.
-
-    Each of `layer_losses` is taken as a per-step value (a weight
-    regularizer), spread evenly over the `slices` of the batch.
-    """
-    terms = []
-    for path, loss, weight in _keras_compat.flat_compiled_losses(model, y, y_pred):
-        y_t = _leaf(path, y)
-        y_p = _leaf(path, y_pred)
-        sw = sample_weight
-        if sw is not None and keras.tree.is_nested(sw):
-            sw = _leaf(path, sw)
-        if isinstance(loss, NormalizedLoss):
-            term = _normalized_loss_term(path, loss, y_t, y_p, sw)
-        else:
-            term = _keras_loss_term(path, loss, y_t, y_p, sw)
-        if weight is not None:
-            term.numerator = term.numerator * weight
-        terms.append(term)
-    for value in layer_losses:
-        value = ops.cast(value, "float32") / float(slices)
-        terms.append(Term(("per step",), value, is_global=False))
-    return terms
-
-
-def combine(terms):
-    """Terms with one key summed: `{key: Term}` in order of appearance."""
-    groups = {}
-    for term in terms:
-        if term.key not in groups:
-            groups[term.key] = Term(
-                term.key, term.numerator, term.count, term.normalizer, term.is_global
-            )
-            continue
-        group = groups[term.key]  # one count for the key: kept as it is
-        group.numerator = group.numerator + ops.cast(term.numerator, group.numerator.dtype)
-    return groups
-
-
-def scale(count, normalizer, is_global):
-    """What the summed gradients of a term are multiplied by at the update."""
-    one = ops.ones((), dtype="float32")
-    if normalizer is None:
-        return replicas.to_keras(one, 1.0, is_global, route=replicas.COMPILED)
-    return replicas.to_keras(
-        one, normalizer.divisor(count), normalizer.is_global, route=replicas.COMPILED
     )
 
 
@@ -287,7 +94,7 @@ def train_step(model, *args):
 
 def _window(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    size = _batch_size(x)
+    size = batch_size(x)
     bounds = micro_batch_bounds(size, model.micro_batches)
     return size, [
         (_slice(x, a, b), _slice(y, a, b), _slice(sample_weight, a, b))
@@ -299,11 +106,11 @@ def _end_window(model, groups, counts):
     """Each group's scale; stateful normalizers and center steps move once."""
     scales = []
     for key, group in groups.items():
-        scales.append(scale(counts.get(key), group.normalizer, group.is_global))
+        scales.append(loss_terms.scale(counts.get(key), group.normalizer, group.is_global))
     for group in groups.values():
         if normalizers.stateful(group.normalizer):
             group.normalizer.update()
-    for layer in center_loss_layers(model):
+    for layer in loss_terms.center_loss_layers(model):
         if layer.trainable:
             layer.end_window()
     return scales
@@ -448,7 +255,7 @@ def _jax_train_step(model, state, data):
     _check_model(model)
     trainable, non_trainable, optimizer_variables, metrics_variables = state
     data = keras.utils.unpack_x_y_sample_weight(data)
-    size = _batch_size(data[0])
+    size = batch_size(data[0])
     bounds = micro_batch_bounds(size, model.micro_batches)
     static = {}  # the groups' keys and normalizers: Python objects
 

@@ -17,7 +17,7 @@ uses `keras_batchfix.count_weight`).
 import keras
 
 from keras_batchfix import normalizers
-from keras_batchfix.training import accumulation
+from keras_batchfix.training import accumulation, loss_terms
 
 
 class NormalizerUpdates:
@@ -57,7 +57,7 @@ class NormalizerUpdates:
                 "which the slices would skip. Compile its losses instead, or "
                 "train without `micro_batches`."
             )
-        layers = accumulation.center_loss_layers(self)
+        layers = loss_terms.center_loss_layers(self)
         for layer in layers if micro_batches else ():
             if layer.centers_trainable:
                 raise ValueError(
@@ -123,7 +123,7 @@ class NormalizerUpdates:
         candidates += [getattr(loss, "normalizer", None) for loss in losses]
         candidates += [
             getattr(layer, "normalizer", None)
-            for layer in accumulation.all_layers(self)
+            for layer in loss_terms.all_layers(self)
         ]
         for normalizer in candidates:
             if normalizers.stateful(normalizer) and not any(
