@@ -217,9 +217,7 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         )
         self.feat_dim = feat_dim
         self.centers_trainable = bool(centers_trainable)
-        self.normalizer = normalizers.get(
-            normalizers.GlobalCount() if normalizer is None else normalizer
-        )
+        self.normalizer = normalizers.get(normalizer)
         self.scale_free = bool(scale_free)
         self.supports_masking = False
         # Set by a `keras_batchfix.Model` compiled with `micro_batches`: the

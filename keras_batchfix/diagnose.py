@@ -316,9 +316,7 @@ def diagnose(
     )
     accumulation_steps = _check_steps(accumulation_steps)
 
-    steady_state = isinstance(loss, NormalizedLoss) and normalizers.stateful(
-        loss.normalizer
-    )
+    steady_state = isinstance(loss, NormalizedLoss) and loss.normalizer.stateful
     if steady_state:
         loss = _at_steady_state(loss)
     compiled = _compiled_loss(loss, y_true, y_pred)

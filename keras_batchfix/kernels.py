@@ -340,6 +340,34 @@ def is_concrete(tensor):
     return False
 
 
+def outside_gradient_trace(values, y_pred):
+    """Whether a training step's gradient provably cannot reach `values` from `y_pred`.
+
+    JAX: `y_pred` is traced for the gradient and `values` is not on that
+    trace. Torch: `y_pred` requires grad and `values` does not. TensorFlow
+    (and outside a gradient): False; its `fit` says "No gradients provided".
+    """
+    if _backend() == "jax":
+        import jax
+
+        trace = getattr(y_pred, "_trace", None)  # JAX's tracers since 0.4.36
+        return (
+            isinstance(y_pred, jax.core.Tracer)
+            and trace is not None
+            and type(trace).__name__ != "DynamicJaxprTrace"  # jit, not grad
+            and getattr(values, "_trace", None) is not trace
+        )
+    if _backend() == "torch":
+        import torch
+
+        return (
+            torch.is_grad_enabled()
+            and getattr(y_pred, "requires_grad", False)
+            and not getattr(values, "requires_grad", True)
+        )
+    return False
+
+
 def _torch_tensor(x):
     """`x` as it is if a torch tensor (no `keras.ops` call), else converted."""
     import torch

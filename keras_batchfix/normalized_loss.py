@@ -1,48 +1,48 @@
-"""`NormalizedLoss`: a loss divided by a count of its own, exact at every batch size.
+"""Losses divided by a count of their own, exact at every batch size.
 
 Keras reduces what `Loss.call` returns by dividing its sum by the number of
-elements (`"sum_over_batch_size"`). A loss that already divides by a count it
-derives from the batch (matched boxes, say) is then divided a second time, by
-the batch size, and its scale goes as `1 / batch_size`: the short last batch
-of an epoch gets a loss and a gradient `batch_size / last_batch_size` times too
-large. A `NormalizedLoss` is reduced with `"sum"` instead: `call` returns the
-unreduced values already divided by the count's divisor (and carrying the
-replica factor of `keras_batchfix.replicas`), and `__call__` adds them up.
+values (`"sum_over_batch_size"`). A loss that already divides by a count it
+takes from the batch (matched boxes, valid tokens) is then divided a second
+time, by the batch size: its scale goes as `1 / batch_size`, and the short
+last batch of an epoch gets a loss and a gradient `batch_size /
+last_batch_size` times too large. One story, three entry points:
+
+* `NormalizedLoss`: a `Loss` whose subclass returns a numerator and a count;
+  `call` divides by the normalizer's divisor, `__call__` sums (`"sum"`);
+* `compensate(loss, count=None)`: the same for a function or a Keras loss;
+* `count_weight(count)`: the weight that does it inside a model's own
+  `compute_loss`.
+
+The default normalizer is `GlobalCount` everywhere; `keras_batchfix.replicas`
+supplies the replica factor.
 """
+
+import functools
+import re
 
 import keras
 from keras import ops
 
-from keras_batchfix import normalizers, replicas
-from keras_batchfix._keras_compat import get_keras_mask
+from keras_batchfix import _keras_compat, _validation, kernels, normalizers, replicas
 
 
 class NormalizedLoss(keras.losses.Loss):
     """Base class: `loss = sum_i w_i * numerator_i / divisor(count)`.
 
-    Subclasses implement `numerator_and_count(y_true, y_pred)`, returning
+    A subclass implements `numerator_and_count(y_true, y_pred)`, returning the
+    values to add up (shape `()`, `(B,)` or `(B, ...)`) and the scalar count
+    they are divided by (or `None` when they are normalized already).
+    `divisor` is the normalizer's, `max(1, global count)` by default. `w_i`
+    is `sample_weight` (broadcast from the batch axis) times the Keras masks
+    of `y_pred` and of the values; weights scale the numerator only.
 
-    * `numerator`: the values to add up, of shape `()`, `(B,)` or `(B, ...)`;
-    * `count`: the scalar the sum is normalized by, or `None` when the
-      numerator is normalized already (then only the replicas are averaged).
-
-    `divisor` is the `normalizer`'s (`max(1, count)` for the default
-    `LocalCount`). `w_i` is `sample_weight` (broadcast from the batch axis),
-    times the Keras mask of `y_pred` if it has one. Weights scale the
-    numerator only; the count is what `numerator_and_count` says it is.
-
-    `call(y_true, y_pred)` returns the unweighted values
-    `numerator_i / divisor(count)` (times the replica factor), whose sum is
-    the loss; `__call__` weights and sums them, as Keras's `"sum"` reduction
-    does. The result is the loss at every batch size, on every backend and
-    strategy.
-
-    All arithmetic runs in the loss's `dtype` (float32 by default, also under a
-    `mixed_float16` or `mixed_bfloat16` policy: predictions are cast up).
+    `call` returns the unweighted values `numerator_i / divisor(count)` (with
+    the replica factor); `__call__` weights and sums them with Keras's
+    `"sum"` reduction. The loss is the same at every batch size, on every
+    backend and strategy. The arithmetic runs in the loss's `dtype`.
 
     Args:
-        normalizer: how the count becomes the divisor; default
-            `keras_batchfix.LocalCount()`.
+        normalizer: a `keras_batchfix.Normalizer`; default `GlobalCount()`.
         name: name of the loss.
         dtype: dtype of the computation; default `keras.backend.floatx()`.
 
@@ -54,7 +54,7 @@ class NormalizedLoss(keras.losses.Loss):
             flags = y_true[..., 0]
             return flags * ops.sum((y_pred - y_true) ** 2, -1), ops.sum(flags)
 
-    model.compile("sgd", FlaggedError(normalizer=keras_batchfix.GlobalCount()))
+    model.compile("sgd", FlaggedError())
     ```
     """
 
@@ -85,11 +85,22 @@ class NormalizedLoss(keras.losses.Loss):
         )
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        mask = get_keras_mask(y_pred)
+        _validation.check_sample_weight(self.name, sample_weight, y_pred)
+        in_mask = _keras_compat.get_keras_mask(y_pred)
         with keras.name_scope(self.name):
-            y_true = ops.convert_to_tensor(y_true, dtype=self.dtype)
-            y_pred = ops.convert_to_tensor(y_pred, dtype=self.dtype)
-            return weighted_sum(self.call(y_true, y_pred), sample_weight, mask)
+            y_true, y_pred = (
+                keras.tree.map_structure(
+                    lambda v: ops.convert_to_tensor(v, dtype=self.dtype), nest
+                )
+                for nest in (y_true, y_pred)
+            )
+            values = self.call(y_true, y_pred)
+            out_mask = _keras_compat.get_keras_mask(values)
+            if in_mask is None or out_mask is None:
+                mask = out_mask if in_mask is None else in_mask
+            else:
+                mask = ops.logical_and(in_mask, out_mask)
+            return weighted_sum(values, sample_weight, mask)
 
     def get_config(self):
         config = super().get_config()
@@ -119,23 +130,27 @@ def _as_values(loss, what, value, dtype):
 
 
 def weighted_sum(values, sample_weight=None, mask=None):
-    """`sum(values * weights)`, weights broadcast from the leading axes."""
+    """`sum(values * weights)`, weights broadcast from the leading axes.
+
+    Keras's `"sum"` reduction, with two differences: weights broadcast over
+    any number of trailing axes (Keras expands them by one at most), and an
+    empty batch sums to 0 (Keras returns its empty values).
+    """
     weights = None
     for factor in (mask, sample_weight):
         if factor is None:
             continue
         factor = ops.cast(factor, values.dtype)
         weights = factor if weights is None else _align(weights, factor) * factor
-    if weights is None:
-        return ops.sum(values)
-    if len(values.shape) == 0:
-        raise ValueError(
-            "`sample_weight` (or a mask) needs per-sample loss values, but the "
-            "loss returned a scalar (shape ()). Return values of shape "
-            "(batch_size,) or (batch_size, ...) to weight samples."
-        )
-    weights = _align(weights, values)
-    return ops.sum(values * weights)
+    if weights is not None:
+        if len(values.shape) == 0:
+            raise ValueError(
+                "`sample_weight` (or a mask) needs per-sample loss values, but "
+                "the loss returned a scalar (shape ()). Return values of shape "
+                "(batch_size,) or (batch_size, ...) to weight samples."
+            )
+        values = values * _align(weights, values)
+    return ops.sum(values)
 
 
 def _align(weights, values):
@@ -151,6 +166,160 @@ def _align(weights, values):
     while len(weights.shape) < len(values.shape):
         weights = ops.expand_dims(weights, axis=-1)
     return weights
+
+
+@keras.saving.register_keras_serializable(package="keras_batchfix")
+class Compensated(NormalizedLoss):
+    """A user loss made independent of Keras's reduction; see `compensate`."""
+
+    def __init__(self, loss, count=None, normalizer=None, name=None, dtype=None):
+        if not callable(loss):
+            raise ValueError(
+                "Argument `loss` must be a callable `(y_true, y_pred) -> values` "
+                f"or a `keras.losses.Loss`; received {loss!r}."
+            )
+        if count is not None and not callable(count):
+            raise ValueError(
+                "Argument `count` must be a callable `(y_true, y_pred) -> scalar` "
+                f"or None; received {count!r}."
+            )
+        if count is None and normalizer is not None:
+            raise ValueError(
+                "Argument `normalizer` applies to a `count`; received "
+                f"normalizer={normalizer!r} with count=None (a loss that "
+                "normalizes itself has no count to normalize by)."
+            )
+        if name is None:
+            name = "compensated_" + _name_of(loss)
+        super().__init__(normalizer=normalizer, name=name, dtype=dtype)
+        self.loss = loss
+        self.count = count
+
+    def numerator_and_count(self, y_true, y_pred):
+        if isinstance(self.loss, keras.losses.Loss):
+            values = self.loss.call(y_true, y_pred)  # unreduced values
+        else:
+            values = self.loss(y_true, y_pred)
+        independent = _independent_of(values, y_pred)
+        if independent:
+            raise ValueError(
+                f"The loss {self.name!r} returned {independent}, which does not "
+                "depend on `y_pred`: it has no gradient, and training would "
+                "move no weight (TensorFlow says \"No gradients provided\", "
+                "torch raises from autograd, JAX would train on silently). "
+                "Return values computed from `y_pred` with `keras.ops`."
+            )
+        if self.count is None:
+            return values, None
+        count = self.count(y_true, y_pred)
+        if count is None:
+            raise ValueError(
+                f"The `count` of loss {self.name!r} must compute a scalar; it "
+                "returned None."
+            )
+        return values, count
+
+    def get_config(self):
+        config = super().get_config()
+        config["loss"] = keras.saving.serialize_keras_object(self.loss)
+        config["count"] = keras.saving.serialize_keras_object(self.count)
+        if self.count is None:
+            del config["normalizer"]
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("loss", "count"):  # the normalizer: `normalizers.get`
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
+
+
+def _independent_of(values, y_pred):
+    """Why `values` cannot depend on `y_pred`, or "" when they may.
+
+    Cheap checks only, never a host round-trip:
+
+    * a Python or NumPy value (not a tensor) computed from tensor inputs
+      (`lambda y_true, y_pred: 0.5`): every backend, every call;
+    * in a training step only (where a gradient is taken): on JAX, values
+      that are not traced along with `y_pred` by the differentiation (a
+      constant, or a function of `y_true` alone); on torch, values that do
+      not require grad while `y_pred` does. TensorFlow's own "No gradients
+      provided" covers it there.
+    """
+    if values is None or isinstance(values, (str, bytes)):
+        return ""  # `NormalizedLoss` names these
+    if not keras.ops.is_tensor(y_pred):
+        return ""
+    if not keras.ops.is_tensor(values):
+        return f"a constant ({values!r})"
+    if kernels.outside_gradient_trace(values, y_pred):
+        return (
+            "values the gradient cannot reach from `y_pred` (a constant or a "
+            "function of `y_true` alone)"
+        )
+    return ""
+
+
+def _name_of(loss):
+    """A name usable as a TensorFlow scope: `<lambda>` and partials included."""
+    while isinstance(loss, functools.partial):
+        loss = loss.func
+    name = getattr(loss, "name", None) or getattr(loss, "__name__", None)
+    if not isinstance(name, str):
+        name = type(loss).__name__
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_") or "loss"
+
+
+def compensate(loss, count=None, normalizer=None, name=None):
+    """Makes Keras optimize a self-normalizing loss exactly as written.
+
+    Keras divides the values of a loss by their number; for values already
+    divided by a count of the batch that is one division too many. The
+    wrapped loss is
+
+        loss = sum_i w_i * values_i                           (count=None)
+        loss = sum_i w_i * values_i / max(1, global count)    (count given)
+
+    for values of shape `()`, `(B,)` or `(B, ...)`, `w_i` being
+    `sample_weight`. Given a `count`, `loss` returns the numerator and the
+    normalizer divides, exact under every strategy and with `micro_batches`.
+    A loss whose values cannot depend on `y_pred` (a constant; on JAX and
+    torch in training, a function of `y_true` alone) raises a `ValueError`.
+
+    Args:
+        loss: `(y_true, y_pred) -> values`, a function or a `keras.losses.Loss`
+            (its unreduced `call` is used).
+        count: optional `(y_true, y_pred) -> scalar`, the normalizing count.
+        normalizer: a `keras_batchfix.Normalizer` for `count`; default
+            `GlobalCount()`.
+        name: name of the loss; default `"compensated_" + loss name`.
+
+    Returns:
+        A `keras.losses.Loss` for `model.compile(loss=...)`; a
+        `NormalizedLoss` (such as `SSDMultiboxLoss`) comes back unchanged.
+
+    Example:
+
+    ```python
+    def box_loss(y_true, y_pred):  # per sample, normalized by the batch
+        positives = ops.sum(y_true[..., 0])
+        per_sample = ops.sum(ops.abs(y_true - y_pred) * y_true[..., :1], (1, 2))
+        return per_sample / ops.maximum(positives, 1.0)
+
+    model.compile(optimizer="sgd", loss=keras_batchfix.compensate(box_loss))
+    ```
+    """
+    if isinstance(loss, NormalizedLoss):
+        if count is not None or normalizer is not None or name is not None:
+            raise ValueError(
+                f"Argument `loss` ({loss!r}) is a NormalizedLoss: it has its "
+                "own count and normalizer, so `compensate` returns it as it "
+                "is and takes no `count`, `normalizer` or `name`."
+            )
+        return loss
+    return Compensated(loss, count=count, normalizer=normalizer, name=name)
 
 
 def count_weight(count, normalizer=None):
@@ -178,9 +347,7 @@ def count_weight(count, normalizer=None):
     sample_weight = {"boxes": positive_mask * weight, "classes": valid_mask * weight}
     ```
     """
-    normalizer = normalizers.get(
-        normalizers.GlobalCount() if normalizer is None else normalizer
-    )
+    normalizer = normalizers.get(normalizer)
     one = ops.ones((), dtype="float32")
     return replicas.to_keras(
         one, normalizer.divisor(count), normalizer.is_global, route=replicas.COMPILED

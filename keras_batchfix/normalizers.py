@@ -1,22 +1,18 @@
-"""Normalizers: the divisor a count-normalized loss applies to its numerator.
+"""Normalizers: how the count a loss divides by becomes its divisor.
 
 A loss that "normalizes by a count" (matched boxes, valid tokens, samples) is
-`numerator / divisor(count)`. A normalizer decides two things that Keras
-would otherwise decide for you, and gets wrong for such losses:
+`numerator / divisor(count)`. A `Normalizer` decides two things that Keras
+would otherwise decide, and gets wrong for such losses:
 
-* how the count becomes a divisor (`max(1, count)` here, so a batch with no
+* how the count becomes a divisor (`max(1, count)`, so a batch with no
   positives gives a finite loss);
-* whose count it is: the replica's own batch (`LocalCount`; the replicas'
-  losses are then averaged) or the global batch of all replicas
-  (`GlobalCount`, `EMACount`; the replicas' losses then add up to the
-  one-device loss).
+* whose count it is: the global batch of all replicas (`GlobalCount`, the
+  default everywhere, and `EMACount`; the replicas' losses then add up to the
+  one-device loss) or the replica's own batch (`LocalCount`; the replicas'
+  losses are then averaged).
 
 Normalizers compute no replica factor themselves: `keras_batchfix.replicas`
 turns a numerator and a divisor into what each replica hands Keras.
-
-A normalizer has `divisor(count)` and the attribute `is_global`. A stateful
-one (`EMACount`) also has `update()`, which a model calls after each training
-step's loss (see `keras_batchfix.Model`).
 """
 
 import keras
@@ -63,28 +59,36 @@ def _divisor(total):
     return ops.where(total >= 0.0, ops.maximum(total, 1.0), float("nan"))
 
 
-@keras.saving.register_keras_serializable(package="keras_batchfix")
-class LocalCount:
-    """Normalize by the count of the batch this replica sees.
+class Normalizer:
+    """Base class of the normalizers: `divisor(count)`, with explicit state.
 
-        divisor = max(1, count)
-
-    A negative count makes the divisor, and so the loss, NaN. With one device this is the plain "divide by the batch's count". Under
-    data parallelism each replica divides by its own count and the replicas'
-    losses are averaged, which equals one-device training whenever every
-    replica sees the same count.
+    A subclass sets `is_global` (whether `divisor` sums the count over the
+    replicas) and implements `divisor(count)`. A normalizer with state
+    (`EMACount`) keeps it in Keras variables, sets `stateful = True` and moves
+    it in `update()`, which `keras_batchfix.Model` calls once per training
+    step, after the loss; `divisor` itself changes no state a later step sees.
 
     Example:
 
     ```python
-    loss = keras_batchfix.SSDMultiboxLoss(21, normalizer=LocalCount())
+    class SqrtCount(keras_batchfix.Normalizer):
+        is_global = True
+
+        def divisor(self, count):
+            total = keras_batchfix.replicas.global_sum(count)
+            return keras.ops.sqrt(keras.ops.maximum(total, 1.0))
     ```
     """
 
     is_global = False
+    stateful = False
 
     def divisor(self, count):
-        return _divisor(_float_count(count))
+        """The scalar the loss's numerator is divided by, for a scalar `count`."""
+        raise NotImplementedError
+
+    def update(self):
+        """Moves the state after a training step's loss (nothing without state)."""
 
     def get_config(self):
         return {}
@@ -98,31 +102,26 @@ class LocalCount:
 
 
 @keras.saving.register_keras_serializable(package="keras_batchfix")
-class GlobalCount(LocalCount):
+class GlobalCount(Normalizer):
     """Normalize by the count of the whole global batch, all replicas together.
 
         divisor = max(1, sum over replicas of count)
 
     Each replica divides its own numerator by the global count, so the
     replicas' gradients combine into exactly those of one device seeing the
-    global batch, however the batch splits (an uneven last batch included).
-    This is what FCOS and mmdet do with an `all_reduce`.
+    global batch, however the batch splits (an uneven last batch included),
+    as FCOS and mmdet do with an `all_reduce`. On one device it is the
+    batch's own count. The default normalizer of every loss of the package.
 
     The sum runs over `tf.distribute` replicas (mirrored or multi-worker) and
     over a `torch.distributed` process group (DDP); under JAX's
     `keras.distribution.DataParallel` the loss already sees the global batch.
-
-    Hard-negative mining stays per replica: `SSDMultiboxLoss(mining="batch")`
-    ranks the negatives of the local batch only, so use
-    `mining="per_image"` where results must not depend on the replica split.
+    A negative or NaN count makes the divisor, and so the loss, NaN.
 
     Example:
 
     ```python
-    with strategy.scope():
-        model = build_model()
-        model.compile("sgd", keras_batchfix.SSDMultiboxLoss(
-            21, mining="per_image", normalizer=GlobalCount()))
+    loss = keras_batchfix.SSDMultiboxLoss(21, normalizer=GlobalCount())
     ```
     """
 
@@ -133,7 +132,29 @@ class GlobalCount(LocalCount):
 
 
 @keras.saving.register_keras_serializable(package="keras_batchfix")
-class EMACount(keras.metrics.Metric):
+class LocalCount(Normalizer):
+    """Normalize by the count of the batch this replica sees.
+
+        divisor = max(1, count)
+
+    Each replica divides by its own count and Keras averages the replicas'
+    losses: equal to one device only when every replica sees the same count.
+    For comparison with code that does this (ssd.pytorch, torchvision's SSD
+    under DDP); `GlobalCount` is exact at every split.
+
+    Example:
+
+    ```python
+    loss = keras_batchfix.SSDMultiboxLoss(21, normalizer=LocalCount())
+    ```
+    """
+
+    def divisor(self, count):
+        return _divisor(_float_count(count))
+
+
+@keras.saving.register_keras_serializable(package="keras_batchfix")
+class EMACount(Normalizer, keras.metrics.Metric):
     """Normalize by an exponential moving average of the global count.
 
     detectron2's RetinaNet and FCOS normalizer, with the count made global as
@@ -141,53 +162,41 @@ class EMACount(keras.metrics.Metric):
 
         candidate = momentum * ema + (1 - momentum) * max(1, n)
         divisor   = candidate
-        ema      <- candidate          (in training steps only)
+        ema      <- candidate          (update(), in training steps only)
 
     Before the first training step `ema` is `initial_value`, or (default)
-    the first batch's `max(1, n)`. Use it when the count varies a lot from
-    step to step (tiny per-device batches, images with few objects): a batch
-    with few positives is then not weighted far more per positive than one
-    with many. With `momentum=0` it is `GlobalCount`.
+    the first batch's `max(1, n)`. With `momentum=0` it is `GlobalCount`.
 
-    Its state is explicit: `divisor(count)` returns the candidate and keeps
-    it in the variable `candidate`; `update()` makes it the new `ema`. A
-    `keras_batchfix.Model` (or a model with `keras_batchfix.NormalizerUpdates`)
-    calls `update()` after the loss of each training step, so the EMA moves in
-    `fit`'s training steps only; `evaluate` and validation divide each batch
-    by its candidate without keeping it. The model also tracks the
-    normalizer's variables (on JAX they are part of the training state) and
-    `model.save` saves them. In a plain `keras.Model` nothing calls
-    `update()`, and the divisor stays the moving average of the initial value
-    and each batch's count.
-
-    It is a `keras.metrics.Metric` so that the model tracks its variables,
-    but it logs nothing (`result()` is `{}`), and `reset_state()` (which
-    Keras calls at every epoch) keeps the EMA. Create it, like the model,
-    inside `strategy.scope()` under `tf.distribute`.
+    Its state is two variables, `ema` and `candidate`. A
+    `keras_batchfix.Model` (or `NormalizerUpdates`) calls `update()` after the
+    loss of each training step and tracks the variables (on JAX they are part
+    of the training state; `model.save` saves them). It does so through
+    Keras's metrics, the one place a compiled model takes on new variables:
+    the model lists the normalizer in `model.metrics`, where it logs nothing
+    and `reset_state()` keeps the EMA (it is training state).
+    Create it inside `strategy.scope()` under `tf.distribute`.
 
     Args:
         momentum: weight of the previous EMA, in `[0, 1)`. Default 0.9
             (detectron2's).
         initial_value: EMA before the first training step, a float > 0, or
             None (default) to start at the first training batch's
-            `max(1, global count)`. detectron2 uses 100; a value far from
-            your typical count scales the loss of the first steps (about
-            `1 / (1 - momentum)` of them) by roughly their ratio.
-        name: name of the normalizer (and of its variables' scope).
+            `max(1, global count)`. detectron2 uses 100.
+        name: name of the normalizer and of its variables' scope.
 
     Example:
 
     ```python
     normalizer = keras_batchfix.EMACount(momentum=0.9)
     model = keras_batchfix.Model(inputs, outputs)
-    model.compile("sgd", keras_batchfix.SSDMultiboxLoss(
-        21, mining="per_image", normalizer=normalizer))
+    model.compile("sgd", keras_batchfix.SSDMultiboxLoss(21, normalizer=normalizer))
     model.fit(x, y, batch_size=2)
     keras.ops.convert_to_numpy(normalizer.ema)  # the current EMA
     ```
     """
 
     is_global = True
+    stateful = True
 
     def __init__(self, momentum=0.9, initial_value=None, name="ema_count"):
         momentum = _validation.real(
@@ -197,7 +206,7 @@ class EMACount(keras.metrics.Metric):
             initial_value = _validation.real(
                 "initial_value", initial_value, "a float > 0 or None", lambda v: v > 0
             )
-        super().__init__(name=name, dtype="float32")
+        keras.metrics.Metric.__init__(self, name=name, dtype="float32")
         self.momentum = momentum
         self.initial_value = initial_value
         # 0 marks "no training step yet" (an EMA of max(1, count) is >= 1).
@@ -225,14 +234,8 @@ class EMACount(keras.metrics.Metric):
         """Makes the last `divisor` call's candidate the EMA."""
         self.ema.assign(ops.convert_to_tensor(self.candidate))
 
-    def update_state(self, *args, **kwargs):
-        raise NotImplementedError(
-            "EMACount is a normalizer, not a metric to update with values: "
-            "its divisor(count) and update() move it."
-        )
-
     def result(self):
-        return {}
+        return {}  # logs nothing: `model.evaluate` keeps returning the loss
 
     def reset_state(self):
         """Keeps the EMA: it is training state, not a per-epoch metric."""
@@ -258,24 +261,15 @@ class EMACount(keras.metrics.Metric):
 
 
 def get(identifier):
-    """Returns a normalizer from an instance, a config dict or `None` (local)."""
+    """A normalizer from an instance, a config dict or `None` (`GlobalCount`)."""
     if identifier is None:
-        return LocalCount()
+        return GlobalCount()
     if isinstance(identifier, dict):
         identifier = keras.saving.deserialize_keras_object(identifier)
-    if callable(getattr(identifier, "divisor", None)) and hasattr(
-        identifier, "is_global"
-    ):
+    if isinstance(identifier, Normalizer):
         return identifier
     raise ValueError(
-        "Argument `normalizer` must be a normalizer (for example "
-        "`keras_batchfix.GlobalCount()`: an object with `divisor(count)` and "
-        f"`is_global`) or None; received {identifier!r}."
-    )
-
-
-def stateful(normalizer):
-    """Whether `normalizer` keeps state that a training step must `update()`."""
-    return callable(getattr(normalizer, "update", None)) and isinstance(
-        normalizer, keras.metrics.Metric
+        "Argument `normalizer` must be a `keras_batchfix.Normalizer` (for "
+        "example `keras_batchfix.GlobalCount()`) or None; received "
+        f"{identifier!r}."
     )

@@ -89,9 +89,7 @@ class RetinaNetObjectDetector(NormalizerUpdates, _NormalizedRetinaNetLoss):
 
     def __init__(self, *args, normalizer=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.normalizer = normalizers.get(
-            normalizers.GlobalCount() if normalizer is None else normalizer
-        )
+        self.normalizer = normalizers.get(normalizer)
 
     def get_config(self):
         config = super().get_config()

@@ -6,7 +6,7 @@ import pytest
 from keras import ops
 
 from keras_batchfix import GlobalCount, SSDMultiboxLoss, compensate
-from keras_batchfix.compensate import Compensated
+from keras_batchfix.normalized_loss import Compensated
 from keras_batchfix.references.ssd_data import random_batch
 from tests.training import batch_loss, fit_dense
 

@@ -30,7 +30,7 @@ gradient-sized buffer.
 import keras
 from keras import ops
 
-from keras_batchfix import _keras_compat, _validation, normalizers, replicas
+from keras_batchfix import _keras_compat, _validation, replicas
 from keras_batchfix.training import loss_terms
 from keras_batchfix.training.loss_terms import batch_size, combine, forward_terms
 
@@ -108,7 +108,7 @@ def _end_window(model, groups, counts):
     for key, group in groups.items():
         scales.append(loss_terms.scale(counts.get(key), group.normalizer, group.is_global))
     for group in groups.values():
-        if normalizers.stateful(group.normalizer):
+        if getattr(group.normalizer, "stateful", False):
             group.normalizer.update()
     for layer in loss_terms.center_loss_layers(model):
         if layer.trainable:

@@ -46,7 +46,7 @@ class Term:
 
 
 def normalizer_key(normalizer):
-    if normalizers.stateful(normalizer):
+    if getattr(normalizer, "stateful", False):
         return id(normalizer)
     return type(normalizer).__name__
 

@@ -16,7 +16,7 @@ uses `keras_batchfix.count_weight`).
 
 import keras
 
-from keras_batchfix import normalizers
+
 from keras_batchfix.training import accumulation, loss_terms
 
 
@@ -126,7 +126,7 @@ class NormalizerUpdates:
             for layer in loss_terms.all_layers(self)
         ]
         for normalizer in candidates:
-            if normalizers.stateful(normalizer) and not any(
+            if getattr(normalizer, "stateful", False) and not any(
                 normalizer is other for other in found
             ):
                 found.append(normalizer)
