@@ -70,21 +70,33 @@ def test_torch_ddp_equals_one_device(tmp_path):
 
 
 def test_example_trains_as_one_device():
-    """examples/torch_ddp.py (2 gloo processes, an empty share padded) runs."""
+    """examples/torch_ddp.py (2 gloo processes, an empty share padded) runs.
+
+    The example stops its processes after `--timeout`; the test kills the
+    example's process group if it outlives that.
+    """
+    import os
     import re
+    import signal
     import subprocess
     import sys
 
     from tests.processes import ROOT
 
-    out = subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, "examples/torch_ddp.py", "--quick", "--timeout", str(TIMEOUT_S)],
-        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S + 60,
-        env=dict(__import__("os").environ, PYTHONPATH=ROOT),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    gap = re.search(r"largest weight gap to one device (\S+)", out.stdout)
-    assert gap, out.stdout + out.stderr[-3000:]
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S + 60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 0, stderr[-3000:]
+    gap = re.search(r"largest weight gap to one device (\S+)", stdout)
+    assert gap, stdout + stderr[-3000:]
     assert float(gap.group(1)) < TOLERANCE
 
 

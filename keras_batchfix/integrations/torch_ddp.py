@@ -121,7 +121,8 @@ def shard_batches(
         x: the inputs, an array or a nest (dict, list) of arrays, all with
             the same number of samples.
         y: the targets, the same way, or None.
-        sample_weight: per-sample weights, shape `(num_samples,)`, or None.
+        sample_weight: per-sample weights, shape `(num_samples,)` (or a
+            nest of them, one per output), or None.
         batch_size: the global batch size, a multiple of `world_size`.
         rank: this process's rank; default: `torch.distributed.get_rank()`.
         world_size: number of processes; default: the process group's.
@@ -217,7 +218,7 @@ def shard_batches(
     return (
         parts["x"],
         parts.get("y"),
-        None if weights is None else take(np.asarray(weights)),
+        None if weights is None else keras.tree.map_structure(take, weights),
     )
 
 
