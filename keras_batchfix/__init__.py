@@ -64,6 +64,12 @@ def _starting_cli():
     )
 
 
+# Old module paths (before the subpackages) still import, with a warning.
+from keras_batchfix import _moved  # noqa: E402
+
+if not any(isinstance(f, _moved.MovedModuleFinder) for f in sys.meta_path):
+    sys.meta_path.append(_moved.MovedModuleFinder())
+
 if not _starting_cli():
     # Importing the package registers its serializable classes with Keras, so
     # `keras.models.load_model` finds them after a plain `import keras_batchfix`.
