@@ -1,8 +1,10 @@
 """Backend kernels of the losses: the one module that dispatches on the backend.
 
-Each function computes one thing in `keras.ops`, and where a backend runs
-that form much slower than a native kernel, it calls the native kernel
-instead. The results agree on every backend (`tests/test_kernels.py`
+Each public function computes one thing in `keras.ops`, and where a backend
+runs that form much slower than a native kernel, it calls the native kernel
+instead; the forms are private, named `_<kernel>_keras` and `_<kernel>_torch`.
+The package's other backend checks are here too (`is_concrete`,
+`outside_gradient_trace`). The results agree on every backend (`tests/test_kernels.py`
 compares each path with NumPy); `benchmarks/README.md` gives the timings
 that justify each native path.
 
@@ -53,11 +55,11 @@ def kth_largest(scores, k):
     to the largest `k`.
     """
     if _backend() == "torch":
-        return kth_largest_by_topk(scores, k)
-    return kth_largest_by_bisection(scores, k)
+        return _kth_largest_torch(scores, k)
+    return _kth_largest_keras(scores, k)
 
 
-def kth_largest_by_bisection(scores, k):
+def _kth_largest_keras(scores, k):
     """`kth_largest` in `keras.ops`: 31 compare-and-count passes."""
     bits = bitcast(scores, "int32")  # negative scores give negative ints
     # Invariant: count(bits >= low) >= k and count(bits >= high) < k.
@@ -81,7 +83,7 @@ def kth_largest_by_bisection(scores, k):
     return bitcast(low, "float32"), at_least_low
 
 
-def kth_largest_by_topk(scores, k):
+def _kth_largest_torch(scores, k):
     """`kth_largest` with `torch.topk` (torch backend only)."""
     import torch
 
@@ -152,18 +154,18 @@ def per_row(values, like):
 def smooth_l1(prediction, target):
     """Elementwise `0.5 d^2` if `|d| < 1` else `|d| - 0.5`, `d = prediction - target`."""
     if _backend() == "torch":
-        return smooth_l1_by_torch(prediction, target)
-    return smooth_l1_by_where(prediction, target)
+        return _smooth_l1_torch(prediction, target)
+    return _smooth_l1_keras(prediction, target)
 
 
-def smooth_l1_by_where(prediction, target):
+def _smooth_l1_keras(prediction, target):
     """`smooth_l1` in `keras.ops`."""
     difference = prediction - target
     absolute = ops.abs(difference)
     return ops.where(absolute < 1.0, 0.5 * difference**2, absolute - 0.5)
 
 
-def smooth_l1_by_torch(prediction, target):
+def _smooth_l1_torch(prediction, target):
     """`smooth_l1` with `torch.nn.functional.smooth_l1_loss` (torch backend only)."""
     import torch.nn.functional as F
 
@@ -176,22 +178,22 @@ def weighted_smooth_l1(prediction, target, weights):
     `prediction`, `target`: `(..., 4)`; `weights`: `(...)`, zero for most
     rows (the box loss counts on positive anchors only). Compiled backends
     compute every row. Torch: only the rows of non-zero weight
-    (`weighted_smooth_l1_of_nonzero`), so the box term of an SSD loss costs
+    (`_weighted_smooth_l1_torch`), so the box term of an SSD loss costs
     its 1% of positives, not all anchors.
     """
     if _backend() == "torch":
-        return weighted_smooth_l1_of_nonzero(prediction, target, weights)
+        return _weighted_smooth_l1_torch(prediction, target, weights)
     return weights * ops.sum(smooth_l1(prediction, target), axis=-1)
 
 
-def weighted_smooth_l1_of_nonzero(prediction, target, weights):
+def _weighted_smooth_l1_torch(prediction, target, weights):
     """`weighted_smooth_l1` on the rows of non-zero weight (torch backend only)."""
     import torch
 
     flat_weights = weights.reshape(-1)
     rows = torch.nonzero(flat_weights).squeeze(1)  # one host sync
     depth = prediction.shape[-1]
-    losses = smooth_l1_by_torch(
+    losses = _smooth_l1_torch(
         prediction.reshape(-1, depth)[rows], target.reshape(-1, depth)[rows]
     ).sum(-1)
     out = torch.zeros_like(flat_weights).index_add(0, rows, losses * flat_weights[rows])
@@ -207,18 +209,18 @@ def softmax_cross_entropy(targets, logits, target_total=None):
     `sum_c t_c`, if already computed.
     """
     if _backend() == "torch":
-        return cross_entropy_via_log_softmax(targets, logits)
-    return cross_entropy_via_log_partition(targets, logits, target_total)
+        return _softmax_cross_entropy_torch(targets, logits)
+    return _softmax_cross_entropy_keras(targets, logits, target_total)
 
 
-def cross_entropy_via_log_partition(targets, logits, target_total=None):
+def _softmax_cross_entropy_keras(targets, logits, target_total=None):
     """`sum_c t_c * logsumexp(s) - sum_c t_c s_c` (see `log_partition`)."""
     if target_total is None:
         target_total = ops.sum(targets, axis=-1)
     return target_total * log_partition(logits) - ops.sum(targets * logits, axis=-1)
 
 
-def cross_entropy_via_log_softmax(targets, logits, target_total=None):
+def _softmax_cross_entropy_torch(targets, logits):
     """`-sum_c t_c log_softmax(s)_c`, materializing the log-softmax."""
     return -ops.sum(targets * ops.log_softmax(logits, axis=-1), axis=-1)
 
@@ -237,11 +239,11 @@ def log_partition(scores):
 def row_sum_of_squares(x):
     """`sum(x * x, axis=-1)`. Torch: an `einsum` (no temporary of `x`'s size)."""
     if _backend() == "torch":
-        return row_sum_of_squares_by_einsum(x)
+        return _row_sum_of_squares_torch(x)
     return ops.sum(x * x, axis=-1)
 
 
-def row_sum_of_squares_by_einsum(x):
+def _row_sum_of_squares_torch(x):
     """`row_sum_of_squares` with `torch.einsum` (torch backend only)."""
     import torch
 
@@ -251,11 +253,11 @@ def row_sum_of_squares_by_einsum(x):
 def segment_sum(data, segment_ids, num_segments):
     """`ops.segment_sum` for ids in `[0, num_segments)` (int32, shape `(n,)`)."""
     if _backend() == "torch":
-        return segment_sum_by_index_add(data, segment_ids, num_segments)
+        return _segment_sum_torch(data, segment_ids, num_segments)
     return ops.segment_sum(data, segment_ids, num_segments)
 
 
-def segment_sum_by_index_add(data, segment_ids, num_segments):
+def _segment_sum_torch(data, segment_ids, num_segments):
     """`segment_sum` with `torch.Tensor.index_add_` (torch backend only)."""
     import torch
 
@@ -273,11 +275,11 @@ def take_rows(x, indices):
     two more kernels).
     """
     if _backend() == "torch":
-        return take_rows_by_index_select(x, indices)
+        return _take_rows_torch(x, indices)
     return ops.take(x, indices, axis=0)
 
 
-def take_rows_by_index_select(x, indices):
+def _take_rows_torch(x, indices):
     """`take_rows` with `torch.index_select` (torch backend only)."""
     x, indices = _torch_tensor(x), _torch_tensor(indices)
     return x.index_select(0, indices)
@@ -286,7 +288,7 @@ def take_rows_by_index_select(x, indices):
 def assign_add(variable, value):
     """`variable.assign_add(value)`; on torch in place (see `assign_sub`)."""
     if _backend() == "torch":
-        return assign_add_in_place(variable, value)
+        return _assign_add_torch(variable, value)
     variable.assign_add(value)
 
 
@@ -297,16 +299,16 @@ def assign_sub(variable, value):
     into the variable: two passes, and a buffer of the variable's size.)
     """
     if _backend() == "torch":
-        return assign_sub_in_place(variable, value)
+        return _assign_sub_torch(variable, value)
     variable.assign_sub(value)
 
 
-def assign_add_in_place(variable, value):
+def _assign_add_torch(variable, value):
     """`assign_add` with `torch.Tensor.add_` (torch backend only)."""
     _update_in_place(variable, value, "add_")
 
 
-def assign_sub_in_place(variable, value):
+def _assign_sub_torch(variable, value):
     """`assign_sub` with `torch.Tensor.sub_` (torch backend only)."""
     _update_in_place(variable, value, "sub_")
 
