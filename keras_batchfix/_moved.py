@@ -21,6 +21,13 @@ MOVED = {
     "keras_batchfix.ssd_loss": "keras_batchfix.ssd.loss",
     "keras_batchfix.model": "keras_batchfix.training.model",
     "keras_batchfix.accumulation": "keras_batchfix.training.accumulation",
+    "keras_batchfix.spike_monitor": "keras_batchfix.spikes.monitor",
+    "keras_batchfix.spike_recording": "keras_batchfix.spikes.recording",
+    "keras_batchfix.spike_analysis": "keras_batchfix.spikes.analysis",
+    "keras_batchfix.spike_report": "keras_batchfix.spikes.report",
+    "keras_batchfix.retinanet": "keras_batchfix.integrations.retinanet",
+    "keras_batchfix.causal_lm": "keras_batchfix.integrations.causal_lm",
+    "keras_batchfix.multi_worker": "keras_batchfix.integrations.multi_worker",
 }
 
 
