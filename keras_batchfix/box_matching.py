@@ -104,7 +104,8 @@ def encode_ssd_targets(
         num_classes: number of classes including the background.
         bounding_box_format: format of `boxes`. Default `"xyxy"`.
         anchor_format: format of `anchors`; default `bounding_box_format`.
-        pos_iou_threshold, neg_iou_limit: see `match_anchors`.
+        pos_iou_threshold: see `match_anchors`.
+        neg_iou_limit: see `match_anchors`.
         variances: the 4 divisors of the offsets. Default `(0.1, 0.1, 0.2, 0.2)`.
         encoding_format: `"center_xywh"` (default) or `"center_yxhw"`, the
             order of the 4 offsets.
