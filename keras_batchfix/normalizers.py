@@ -19,6 +19,8 @@ one (`EMACount`) also has `update()`, which a model calls after each training
 step's loss (see `keras_batchfix.Model`).
 """
 
+from __future__ import annotations
+
 import keras
 from keras import ops
 
@@ -189,7 +191,10 @@ class EMACount(keras.metrics.Metric):
 
     is_global = True
 
-    def __init__(self, momentum=0.9, initial_value=None, name="ema_count"):
+    def __init__(
+        self, momentum: float = 0.9, initial_value: float | None = None,
+        name: str = "ema_count",
+    ) -> None:
         momentum = _validation.real(
             "momentum", momentum, "a float in [0, 1)", lambda v: 0 <= v < 1
         )

@@ -27,6 +27,8 @@ count) gives the mean of the replicas' losses: its share is
 Tested with Keras 3.12.0 and 3.15.1 (TensorFlow 2.21, JAX 0.10, torch 2.13).
 """
 
+from __future__ import annotations
+
 import contextlib
 
 import keras
@@ -209,7 +211,7 @@ def to_keras(numerator, divisor, divisor_is_global, route):
     return numerator / divisor
 
 
-def average_gradients_over_processes(model):
+def average_gradients_over_processes(model: keras.Model) -> list:
     """Makes Keras's torch `fit` average each gradient over the process group.
 
     Keras 3's torch trainer has no DDP support: `fit` calls the Keras model
