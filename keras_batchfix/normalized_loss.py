@@ -10,6 +10,8 @@ unreduced values already divided by the count's divisor (and carrying the
 replica factor of `keras_batchfix.replicas`), and `__call__` adds them up.
 """
 
+from __future__ import annotations
+
 import keras
 from keras import ops
 
@@ -58,7 +60,12 @@ class NormalizedLoss(keras.losses.Loss):
     ```
     """
 
-    def __init__(self, normalizer=None, name=None, dtype=None):
+    def __init__(
+        self,
+        normalizer: normalizers.LocalCount | normalizers.EMACount | None = None,
+        name: str | None = None,
+        dtype: str | None = None,
+    ) -> None:
         super().__init__(name=name, reduction="sum", dtype=dtype)
         self.normalizer = normalizers.get(normalizer)
 
@@ -153,7 +160,9 @@ def _align(weights, values):
     return weights
 
 
-def count_weight(count, normalizer=None):
+def count_weight(
+    count, normalizer: normalizers.LocalCount | normalizers.EMACount | None = None
+):
     """The weight that turns a sum of loss values into a count-normalized loss.
 
         weight = replica factor / divisor(count)
