@@ -112,10 +112,22 @@ def test_blocks_run(path: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("block", FRAGMENTS, ids=lambda b: f"{_name(b.path)}:{b.line}")
 def test_fragment_names_a_file(block: Block) -> None:
-    assert (ROOT / block.fragment).is_file(), (
+    assert not Path(block.fragment).is_absolute() and (ROOT / block.fragment).is_file(), (
         f"{_name(block.path)}:{block.line}: the fragment's complete version "
-        f"{block.fragment!r} is not a file of the repository"
+        f"{block.fragment!r} is not a file of the repository (a path from its root)"
     )
+
+
+@pytest.mark.parametrize("path", DOCS, ids=_name)
+def test_every_fragment_marker_sits_on_a_python_fence(path: Path) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if line.lstrip().startswith("<!--") and "fragment:" in line:
+            fence = FENCE.match(lines[number]) if number < len(lines) else None
+            assert FRAGMENT.match(line) and fence and fence.group(3) in ("python", "py"), (
+                f"{_name(path)}:{number}: {line.strip()!r} must be written "
+                "'<!-- fragment: PATH -->' on the line right above a ```python fence"
+            )
 
 
 def test_the_collector_finds_blocks_and_fragments(tmp_path: Path) -> None:
