@@ -15,6 +15,8 @@ Normalizers compute no replica factor themselves: `keras_batchfix.replicas`
 turns a numerator and a divisor into what each replica hands Keras.
 """
 
+from __future__ import annotations
+
 import keras
 from keras import ops
 
@@ -198,7 +200,10 @@ class EMACount(Normalizer, keras.metrics.Metric):
     is_global = True
     stateful = True
 
-    def __init__(self, momentum=0.9, initial_value=None, name="ema_count"):
+    def __init__(
+        self, momentum: float = 0.9, initial_value: float | None = None,
+        name: str = "ema_count",
+    ) -> None:
         momentum = _validation.real(
             "momentum", momentum, "a float in [0, 1)", lambda v: 0 <= v < 1
         )

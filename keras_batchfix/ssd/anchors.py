@@ -1,12 +1,17 @@
 """SSD anchor boxes (default boxes) for a few feature maps, ssd_keras's layout."""
 
+from __future__ import annotations
+
 import math
+from collections.abc import Sequence
 
 import keras
 import numpy as np
 
 
-def num_anchors_per_cell(aspect_ratios=(1.0, 2.0, 0.5), two_boxes_for_ar1=True):
+def num_anchors_per_cell(
+    aspect_ratios: Sequence[float] = (1.0, 2.0, 0.5), two_boxes_for_ar1: bool = True
+) -> int:
     """Number of anchors centred on each cell of a feature map.
 
     One box per aspect ratio, plus one when `two_boxes_for_ar1` and `1.0` is
@@ -18,15 +23,15 @@ def num_anchors_per_cell(aspect_ratios=(1.0, 2.0, 0.5), two_boxes_for_ar1=True):
 
 
 def ssd_anchors(
-    image_shape,
-    feature_map_shapes,
-    scales,
-    aspect_ratios=(1.0, 2.0, 0.5),
-    two_boxes_for_ar1=True,
-    offset=0.5,
-    clip=False,
-    bounding_box_format="xyxy",
-):
+    image_shape: Sequence[int],
+    feature_map_shapes: Sequence[Sequence[int]],
+    scales: Sequence[float],
+    aspect_ratios: Sequence[float] | Sequence[Sequence[float]] = (1.0, 2.0, 0.5),
+    two_boxes_for_ar1: bool = True,
+    offset: float = 0.5,
+    clip: bool = False,
+    bounding_box_format: str = "xyxy",
+) -> np.ndarray:
     """Anchor boxes of an SSD head, in the order its predictions are reshaped.
 
     For feature map `k` of shape `(h_k, w_k)` the anchors sit on the centres

@@ -5,14 +5,21 @@ IoU and the box-offset encoding are `keras.utils.bounding_boxes`'s
 bipartite pass, then a threshold) runs in NumPy, as a data-pipeline step.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 import keras
 import numpy as np
+from numpy.typing import ArrayLike
 
 BACKGROUND = -1
 NEUTRAL = -2
 
 
-def match_anchors(iou, pos_iou_threshold=0.5, neg_iou_limit=0.3):
+def match_anchors(
+    iou: ArrayLike, pos_iou_threshold: float = 0.5, neg_iou_limit: float = 0.3
+) -> np.ndarray:
     """Assigns each anchor of one image a ground-truth box, or none.
 
     ssd_keras's two-step matching:
@@ -69,18 +76,18 @@ def match_anchors(iou, pos_iou_threshold=0.5, neg_iou_limit=0.3):
 
 
 def encode_ssd_targets(
-    boxes,
-    labels,
-    anchors,
-    num_classes,
-    bounding_box_format="xyxy",
-    anchor_format=None,
-    pos_iou_threshold=0.5,
-    neg_iou_limit=0.3,
-    variances=(0.1, 0.1, 0.2, 0.2),
-    encoding_format="center_xywh",
-    image_shape=None,
-):
+    boxes: ArrayLike,
+    labels: ArrayLike,
+    anchors: ArrayLike,
+    num_classes: int,
+    bounding_box_format: str = "xyxy",
+    anchor_format: str | None = None,
+    pos_iou_threshold: float = 0.5,
+    neg_iou_limit: float = 0.3,
+    variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+    encoding_format: str = "center_xywh",
+    image_shape: Sequence[int] | None = None,
+) -> np.ndarray:
     """Encodes ground-truth boxes into `y_true` for `SSDMultiboxLoss`.
 
     Each anchor is matched to a box with `match_anchors` (IoU from
@@ -104,7 +111,8 @@ def encode_ssd_targets(
         num_classes: number of classes including the background.
         bounding_box_format: format of `boxes`. Default `"xyxy"`.
         anchor_format: format of `anchors`; default `bounding_box_format`.
-        pos_iou_threshold, neg_iou_limit: see `match_anchors`.
+        pos_iou_threshold: see `match_anchors`.
+        neg_iou_limit: see `match_anchors`.
         variances: the 4 divisors of the offsets. Default `(0.1, 0.1, 0.2, 0.2)`.
         encoding_format: `"center_xywh"` (default) or `"center_yxhw"`, the
             order of the 4 offsets.

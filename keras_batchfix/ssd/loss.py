@@ -1,5 +1,7 @@
 """SSD multibox loss, normalized by the batch's positives at every batch size."""
 
+from __future__ import annotations
+
 import warnings
 
 import keras
@@ -7,6 +9,7 @@ from keras import ops
 
 from keras_batchfix import _validation, kernels
 from keras_batchfix.normalized_loss import NormalizedLoss
+from keras_batchfix.normalizers import EMACount, LocalCount
 
 MINING_MODES = ("batch", "per_image")
 
@@ -103,16 +106,16 @@ class SSDMultiboxLoss(NormalizedLoss):
 
     def __init__(
         self,
-        num_classes,
-        neg_pos_ratio=3.0,
-        n_neg_min=0,
-        alpha=1.0,
-        mining="batch",
-        from_logits=False,
-        normalizer=None,
-        name="ssd_multibox_loss",
-        dtype=None,
-    ):
+        num_classes: int,
+        neg_pos_ratio: float = 3.0,
+        n_neg_min: int = 0,
+        alpha: float = 1.0,
+        mining: str = "batch",
+        from_logits: bool = False,
+        normalizer: LocalCount | EMACount | None = None,
+        name: str = "ssd_multibox_loss",
+        dtype: str | None = None,
+    ) -> None:
         num_classes = _validation.integer(
             "num_classes", num_classes, 2, "an integer >= 2 (background included)"
         )

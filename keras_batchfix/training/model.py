@@ -14,6 +14,8 @@ and the model's own `normalizer` attribute (a `compute_loss` override that
 uses `keras_batchfix.count_weight`).
 """
 
+from __future__ import annotations
+
 import keras
 
 
@@ -47,7 +49,7 @@ class NormalizerUpdates:
 
     micro_batches = None
 
-    def compile(self, *args, micro_batches=None, **kwargs):
+    def compile(self, *args, micro_batches: int | None = None, **kwargs) -> None:
         micro_batches = accumulation.check_micro_batches(micro_batches)
         owner = _override(type(self), "compute_loss")
         if micro_batches and owner is not None:
