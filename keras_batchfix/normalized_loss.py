@@ -19,6 +19,7 @@ supplies the replica factor.
 
 import functools
 import re
+from collections.abc import Callable
 
 import keras
 from keras import ops
@@ -58,11 +59,16 @@ class NormalizedLoss(keras.losses.Loss):
     ```
     """
 
-    def __init__(self, normalizer=None, name=None, dtype=None):
+    def __init__(
+        self,
+        normalizer: normalizers.Normalizer | dict | None = None,
+        name: str | None = None,
+        dtype: str | None = None,
+    ):
         super().__init__(name=name, reduction="sum", dtype=dtype)
         self.normalizer = normalizers.get(normalizer)
 
-    def numerator_and_count(self, y_true, y_pred):
+    def numerator_and_count(self, y_true, y_pred) -> tuple:
         raise NotImplementedError
 
     def call(self, y_true, y_pred):
@@ -272,7 +278,12 @@ def _name_of(loss):
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_") or "loss"
 
 
-def compensate(loss, count=None, normalizer=None, name=None):
+def compensate(
+    loss: Callable | keras.losses.Loss,
+    count: Callable | None = None,
+    normalizer: normalizers.Normalizer | None = None,
+    name: str | None = None,
+) -> keras.losses.Loss:
     """Makes Keras optimize a self-normalizing loss exactly as written.
 
     Keras divides the values of a loss by their number; for values already
@@ -322,7 +333,7 @@ def compensate(loss, count=None, normalizer=None, name=None):
     return Compensated(loss, count=count, normalizer=normalizer, name=name)
 
 
-def count_weight(count, normalizer=None):
+def count_weight(count, normalizer: normalizers.Normalizer | None = None):
     """The weight that turns a sum of loss values into a count-normalized loss.
 
         weight = replica factor / divisor(count)
