@@ -92,7 +92,6 @@ def main(argv=None):
         print(f"[{time.time() - started:6.1f}s] {message}", flush=True)
 
     import keras
-    import numpy as np
     import torch
 
     import keras_batchfix
