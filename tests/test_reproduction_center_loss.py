@@ -105,14 +105,16 @@ def test_centers_follow_class_means(quick_run):
 
 def test_frameworks_agree_on_scale(quick_run):
     """PyTorch (seed CenterLoss) and Keras (keras_batchfix.CenterLoss) give
-    the same scale of features and center loss (different inits: loosely)."""
+    the same scale of features and center loss, to what their different
+    initial weights allow."""
     _, runs, _ = quick_run
     for v in ("relu", "l2norm"):
         t, k = runs[("torch", v)], runs[("keras", v)]
         for q in ("tr_center", "tr_raw_sq", "train_ce"):
             a = np.mean([r[q] for r in t[-2:]])
             b = np.mean([r[q] for r in k[-2:]])
-            assert 0.33 < a / b < 3.0, (v, q, a, b)
+            # quick runs of seeds 0-3 measured 0.77 to 1.20 (TF, 2-core CPU)
+            assert 2 / 3 < a / b < 1.5, (v, q, a, b)
 
 
 def test_ratio_statistics():
