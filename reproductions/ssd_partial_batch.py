@@ -23,7 +23,7 @@ size, in seven runs that share the initial weights and the batch order:
 Then it looks for the spikes with the package's own spike analysis, the one
 `keras_batchfix.SpikeMonitor` runs after `fit`.
 
-    python reproductions/ssd_partial_batch.py --out out/ssd_partial_batch  # about 3 min
+    python reproductions/ssd_partial_batch.py --out out/ssd_partial_batch  # 90 s of CPU time
     python reproductions/ssd_partial_batch.py --quick   # < 60 s, checks the spikes
 
 Writes `steps.csv`, `spikes.csv`, `table.md`, `ssd_partial_batch.png` and
