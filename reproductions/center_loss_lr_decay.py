@@ -34,296 +34,26 @@ same framework/variant/noise/aug/width/seed, then re-analyzes all of them):
 
 Outputs in --out: runs.csv (one row per run and epoch), ratios.csv (per run),
 summary.csv (per set-up: mean, sd over seeds, rises k of n),
-center_loss_lr_decay.png and mechanism.png.
+center_loss_lr_decay.png and mechanism.png. The PyTorch and Keras training
+runs are in `support/center_loss_torch.py` and `support/center_loss_keras.py`,
+the statistics (`ratios`, `is_rise`) in `support/center_loss_statistics.py`,
+the figures in `support/center_loss_figures.py`.
 """
 
 import argparse
-import csv
 import functools
 import os
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
-
-import _center_loss_torch as T  # noqa: E402
+from support import center_loss_torch as T  # noqa: E402
+from support.center_loss_figures import plot_main, plot_mechanism  # noqa: E402
+from support.center_loss_statistics import (  # noqa: E402
+    analyze, read_runs, run_key, write_runs)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "center_loss_lr_decay")
-KEY = ("framework", "variant", "noise", "aug", "width", "seed")
-EPOCH_COLUMNS = [
-    "epoch", "lr", "alpha", "train_ce", "train_center", "train_sq",
-    "val_ce", "val_acc", "val_center", "tr_acc", "tr_center", "tr_within",
-    "tr_lag", "tr_sq", "tr_raw_sq", "tr_rel", "tr_within_rel", "tr_mean_sq",
-    "tr_feat_norm", "tr_dead", "val_within", "val_lag", "val_raw_sq",
-    "val_rel", "center_norm", "train_relative", "sec"]
-RATIO_KEYS = ("train_center", "val_center", "tr_center", "tr_within",
-              "tr_lag", "tr_raw_sq", "tr_rel", "tr_within_rel", "tr_mean_sq",
-              "tr_dead", "train_ce")
-RISE = 1.10  # a "rise": peak after the 2nd decay >= +10% and above controls
-
-
-# ----------------------------------------------------------------------------
-# analysis
-# ----------------------------------------------------------------------------
-def ratios(values, epochs):
-    """After/at ratios of a per-epoch series (index 0 = epoch 1).
-
-    With the decays after epochs d1, d2 (1/3, 2/3 of the run), phase length
-    P = d1 and window h = P // 2:
-
-        decay_k   = max(v[d_k + 1 .. d_k + h]) / v[d_k]   (peak after decay k)
-        control_k = max(v[c_k + 1 .. c_k + h]) / v[c_k],  c_k = d_k - h
-                    (the same statistic at an epoch without a decay, whose
-                    window ends just before decay k)
-        end3      = v[last epoch] / v[d2]   (change over the last phase)
-        step_k    = v[d_k + 1] / v[d_k]     (first epoch after decay k)
-    """
-    v = np.asarray(values, np.float64)
-    d1, d2 = T.decay_epochs(epochs)
-    h = max(1, d1 // 2)
-
-    def peak(at):
-        return float(v[at:at + h].max() / v[at - 1])
-
-    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 for dead
-        return _ratios(v, d1, d2, h, peak)
-
-
-def _ratios(v, d1, d2, h, peak):
-    return {"decay1": peak(d1), "decay2": peak(d2), "control1": peak(d1 - h),
-            "control2": peak(d2 - h), "end3": float(v[-1] / v[d2 - 1]),
-            "step1": float(v[d1] / v[d1 - 1]), "step2": float(v[d2] / v[d2 - 1])}
-
-
-def is_rise(r):
-    return r["decay2"] >= RISE and r["decay2"] > max(r["control1"],
-                                                     r["control2"])
-
-
-def read_runs(path):
-    if not os.path.exists(path):
-        return {}
-    runs = {}
-    with open(path) as fh:
-        for row in csv.DictReader(fh):
-            key = tuple(row[k] for k in KEY)
-            runs.setdefault(key, []).append(
-                {k: float(x) for k, x in row.items() if k not in KEY})
-    return runs
-
-
-def write_runs(path, runs):
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(list(KEY) + EPOCH_COLUMNS)
-        for key in sorted(runs, key=_sort_key):
-            for r in runs[key]:
-                w.writerow(list(key) + [f"{r.get(c, float('nan')):.6g}"
-                                        for c in EPOCH_COLUMNS])
-
-
-def _sort_key(key):
-    fw, variant, noise, aug, width, seed = key
-    order = T.VARIANTS.index(variant) if variant in T.VARIANTS else 99
-    return (fw != "torch", int(width), float(noise), int(aug), order,
-            int(seed))
-
-
-def run_key(fw, variant, noise, aug, width, seed):
-    return (fw, variant, f"{float(noise):g}", str(int(aug)), str(int(width)),
-            str(int(seed)))
-
-
-def analyze(out, log=print):
-    """ratios.csv and summary.csv from runs.csv; returns the summary rows."""
-    runs = read_runs(os.path.join(out, "runs.csv"))
-    per_run = []
-    for key in sorted(runs, key=_sort_key):
-        rows = runs[key]
-        epochs = len(rows)
-        for q in RATIO_KEYS:
-            r = ratios([row[q] for row in rows], epochs)
-            per_run.append(dict(zip(KEY, key), quantity=q, **r,
-                                rise=int(is_rise(r))))
-    with open(os.path.join(out, "ratios.csv"), "w", newline="") as fh:
-        cols = list(KEY) + ["quantity", "decay1", "decay2", "control1",
-                            "control2", "end3", "step1", "step2", "rise"]
-        w = csv.DictWriter(fh, cols)
-        w.writeheader()
-        for r in per_run:
-            w.writerow({k: (f"{x:.4f}" if isinstance(x, float) else x)
-                        for k, x in r.items()})
-    groups = {}
-    for r in per_run:
-        groups.setdefault(tuple(r[k] for k in KEY[:-1]) + (r["quantity"],),
-                          []).append(r)
-    summary = []
-    for g, rs in groups.items():
-        s = dict(zip(KEY[:-1] + ("quantity",), g), n=len(rs),
-                 rises=sum(r["rise"] for r in rs),
-                 seeds=" ".join(r["seed"] for r in rs))
-        for stat in ("decay1", "decay2", "control1", "control2", "end3",
-                     "step1", "step2"):
-            x = np.array([r[stat] for r in rs])
-            s[stat + "_mean"] = float(x.mean())
-            s[stat + "_sd"] = float(x.std(ddof=1)) if len(x) > 1 else 0.0
-            s[stat + "_min"], s[stat + "_max"] = float(x.min()), float(x.max())
-        summary.append(s)
-    with open(os.path.join(out, "summary.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, list(summary[0]))
-        w.writeheader()
-        for s in summary:
-            w.writerow({k: (f"{x:.4f}" if isinstance(x, float) else x)
-                        for k, x in s.items()})
-    log("\nrunning train center loss, ratios (mean +- sd over seeds); "
-        f"rise = peak after decay 2 >= {RISE:.2f} and above both controls")
-    log(f"{'framework variant noise aug width':38s} n  rises  decay1       "
-        "decay2       control1     control2     end3")
-    for s in summary:
-        if s["quantity"] != "train_center":
-            continue
-        name = (f"{s['framework']} {s['variant']} {s['noise']} {s['aug']} "
-                f"{s['width']}")
-        log(f"{name:38s} {s['n']}  {s['rises']}/{s['n']}   " + "  ".join(
-            f"{s[k + '_mean']:.3f}+-{s[k + '_sd']:.3f}"
-            for k in ("decay1", "decay2", "control1", "control2", "end3")))
-    return summary
-
-
-# ----------------------------------------------------------------------------
-# figures
-# ----------------------------------------------------------------------------
-def plot_main(out, framework="torch", width=None, noise="0.2", aug="0"):
-    """relu vs prelu (and l2norm) at one set-up: every seed thin, mean thick."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = read_runs(os.path.join(out, "runs.csv"))
-    if width is None:
-        widths = sorted({k[4] for k in runs if k[0] == framework}, key=int)
-        width = widths[0] if widths else "32"
-    chosen = {}
-    for k, rows in runs.items():
-        if k[0] == framework and k[2] == noise and k[3] == aug \
-                and k[4] == width:
-            chosen.setdefault(k[1], []).append((k[5], rows))
-    if not chosen:
-        return None
-    panels = [
-        ("rel_d2", "train center loss / its value at the LR x0.1 decay\n"
-                   "(l2norm: center loss on unit features)"),
-        ("train_center", "train center loss (running, as the seed logs)"),
-        ("val_center", "validation center loss"),
-        ("train_ce", "train cross-entropy (running, noisy labels)"),
-        ("tr_raw_sq", "feature scale  mean ||x||^2  (train)"),
-        ("tr_rel", "center loss / mean ||x||^2  (train)"),
-        ("tr_within", "within-class scatter W  (train)"),
-        ("tr_lag", "centers' lag G = 1/2 sum p_j ||m_j - c_j||^2"),
-        ("tr_mean_sq", "share of ||x||^2 in the common mean"),
-    ]
-    colors = {"relu": "tab:red", "prelu": "tab:blue", "l2norm": "tab:green",
-              "prelu_last": "tab:purple", "alpha_sched": "tab:orange",
-              "no_bn_wd": "tab:brown"}
-    shown = [v for v in ("relu", "prelu") if v in chosen] or list(chosen)
-    fig, axes = plt.subplots(3, 3, figsize=(17, 13))
-    any_rows = next(iter(chosen.values()))[0][1]
-    epochs = len(any_rows)
-    d1, d2 = T.decay_epochs(epochs)
-    for ax, (q, title) in zip(axes.flat, panels):
-        for v in (shown + [x for x in ("l2norm",) if x in chosen]
-                  if q == "rel_d2" else shown):
-            if q == "rel_d2":
-                curves = np.array([[r["train_center"] / rows[d2 - 1][
-                    "train_center"] for r in rows] for _, rows in chosen[v]])
-            else:
-                curves = np.array([[r[q] for r in rows]
-                                   for _, rows in chosen[v]])
-            ep = np.arange(1, curves.shape[1] + 1)
-            for c in curves:
-                ax.plot(ep, c, color=colors.get(v, "k"), lw=0.7, alpha=0.35)
-            ax.plot(ep, curves.mean(0), color=colors.get(v, "k"), lw=2.2,
-                    label=f"{v.upper() if v != 'l2norm' else v} "
-                          f"(mean of {len(curves)} seeds)")
-        for d, txt in ((d1, "LR x0.5"), (d2, "LR x0.1")):
-            ax.axvline(d + 0.5, color="k", ls=":", lw=1)
-            ax.text(d + 0.7, 0.97, txt, transform=ax.get_xaxis_transform(),
-                    va="top", fontsize=8)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch")
-        if q in ("train_center", "val_center", "tr_raw_sq", "tr_lag",
-                 "tr_within"):
-            ax.set_yscale("log")
-            lo = min(np.nanmin([r[q] for _, rows in chosen[v]
-                                for r in rows[3:]]) for v in shown)
-            hi = max(np.nanmax([r[q] for _, rows in chosen[v]
-                                for r in rows[3:]]) for v in shown)
-            ax.set_ylim(lo / 1.2, hi * 1.2)  # the first epochs are far off
-        if q == "rel_d2":
-            ax.axhline(1.0, color="k", lw=0.8)
-            ax.set_ylim(0.7, 1.5)
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=9)
-    fig.suptitle(
-        f"Center loss around LR decays, ReLU vs PReLU ({framework}; "
-        f"animal-mnist, 2,400 train images, label noise {noise}, "
-        f"{'with' if aug == '1' else 'no'} augmentation;\nResNet-18 layout, "
-        f"width {width} = {8 * int(width)}-d features; SGD lr 0.05, x0.5 "
-        "after epoch 8, x0.1 after epoch 16; center loss lambda 0.01, "
-        "alpha 0.5; thin lines: single seeds)", fontsize=12)
-    fig.tight_layout()
-    path = os.path.join(out, "center_loss_lr_decay.png")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
-def plot_mechanism(out, summary):
-    """End-of-last-phase ratios per set-up: center loss, scale, L/S."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by = {}
-    for s in summary:
-        name = (f"{s['framework']} {s['variant']}\nnoise {s['noise']}"
-                f"{' aug' if s['aug'] == '1' else ''} w{s['width']}")
-        by.setdefault(name, {})[s["quantity"]] = s
-    names = list(by)
-    if not names:
-        return None
-    quantities = [("train_center", "center loss (running)"),
-                  ("tr_raw_sq", "mean ||x||^2"),
-                  ("tr_within", "within-class scatter W"),
-                  ("tr_rel", "center loss / ||x||^2")]
-    fig, ax = plt.subplots(figsize=(max(10, 1.3 * len(names)), 6))
-    width = 0.8 / len(quantities)
-    for i, (q, label) in enumerate(quantities):
-        m = [by[n][q]["end3_mean"] if q in by[n] else np.nan for n in names]
-        lo = [by[n][q]["end3_mean"] - by[n][q]["end3_min"] if q in by[n]
-              else 0 for n in names]
-        hi = [by[n][q]["end3_max"] - by[n][q]["end3_mean"] if q in by[n]
-              else 0 for n in names]
-        ax.bar(np.arange(len(names)) + (i - 1.5) * width, m, width,
-               yerr=[lo, hi], capsize=2, label=label)
-    ax.axhline(1.0, color="k", lw=1)
-    ax.set_xticks(np.arange(len(names)))
-    ax.set_xticklabels([f"{n}\n(n={by[n]['train_center']['n']})"
-                        for n in names], fontsize=8)
-    ax.set_ylabel("value at the last epoch / value at the 2nd LR decay\n"
-                  "(bar: mean over seeds; whiskers: min..max)")
-    ax.set_title("What changes over the last phase (after LR x0.1): "
-                 "> 1 = rose, < 1 = fell  (l2norm: center loss on unit "
-                 "features; its mean ||x||^2 is of the raw features)")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(out, "mechanism.png")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------
@@ -386,7 +116,7 @@ def main(argv=None):
                       else [args.framework])
         fns = {}
         if "keras" in frameworks:
-            import _center_loss_keras as K
+            from support import center_loss_keras as K
             _keras_threads(args.threads)
             fns["keras"] = K.run
         device = "cuda" if args.full and torch.cuda.is_available() else "cpu"

@@ -46,8 +46,8 @@ import os
 import sys
 import time
 
-from _backends import (BACKENDS, ROOT, cpu_name, device_and_version, emit, run_worker,
-                       write_csv)
+from support.backends import (BACKENDS, ROOT, cpu_name, device_and_version, emit, run_worker,
+                              write_csv)
 
 HIDDEN = 16
 BATCH, K = 32, 4  # the batch of one update, and the micro-batches it is run as

@@ -10,7 +10,6 @@ in both frameworks, and the ratio statistics of the analysis.
 """
 
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -20,17 +19,6 @@ import pytest
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SCRIPT = os.path.join(_ROOT, "reproductions", "center_loss_lr_decay.py")
-
-
-def _load_module(name, filename):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(os.path.dirname(_SCRIPT), filename))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -117,21 +105,21 @@ def test_centers_follow_class_means(quick_run):
 
 def test_frameworks_agree_on_scale(quick_run):
     """PyTorch (seed CenterLoss) and Keras (keras_batchfix.CenterLoss) give
-    the same scale of features and center loss (different inits: loosely)."""
+    the same scale of features and center loss, to what their different
+    initial weights allow."""
     _, runs, _ = quick_run
     for v in ("relu", "l2norm"):
         t, k = runs[("torch", v)], runs[("keras", v)]
         for q in ("tr_center", "tr_raw_sq", "train_ce"):
             a = np.mean([r[q] for r in t[-2:]])
             b = np.mean([r[q] for r in k[-2:]])
-            assert 0.33 < a / b < 3.0, (v, q, a, b)
+            # quick runs of seeds 0-3 measured 0.77 to 1.20 (TF, 2-core CPU)
+            assert 2 / 3 < a / b < 1.5, (v, q, a, b)
 
 
 def test_ratio_statistics():
-    # the script imports its sibling `_center_loss_torch` by plain name:
-    # register that module first instead of editing sys.path
-    _load_module("_center_loss_torch", "_center_loss_torch.py")
-    mod = _load_module("center_loss_lr_decay", "center_loss_lr_decay.py")
+    from reproductions.support import center_loss_statistics as mod
+
     # 12 epochs: decays after 4 and 8, window 2, controls at epochs 2 and 6
     v = [10, 9, 8, 7, 7.7, 7.0, 6.9, 6.0, 7.2, 7.8, 8.1, 8.4]
     r = mod.ratios(v, 12)

@@ -48,3 +48,39 @@ def test_quick_reproduction(tmp_path):
     bug, fixed = first_short["a_bug"], first_short["c_ssd_multibox"]
     assert int(bug["batch_size"]) == 4
     assert abs(float(bug["reported"]) * 4 / float(fixed["reported"]) - 1) < 1e-3
+
+
+def _rows(variant, losses, sizes, epoch_length):
+    return [dict(variant=variant, step=t, epoch=t // epoch_length,
+                 step_in_epoch=t % epoch_length, batch_size=b, short=b < max(sizes),
+                 reported=loss, batch_loss=loss)
+            for t, (loss, b) in enumerate(zip(losses, sizes))]
+
+
+def test_statistics_on_a_constructed_run():
+    """The statistics module on a run built by hand: every 4th batch holds 4
+    images instead of 16 and reports 4x the loss (a loss divided by its batch
+    size twice), on a slowly falling curve with 3% noise."""
+    import numpy as np
+
+    from reproductions.support import ssd_statistics
+
+    rng = np.random.default_rng(0)
+    n = 40
+    sizes = [4 if t % 4 == 3 else 16 for t in range(n)]
+    trend = np.exp(-np.arange(n) / 60.0) * np.exp(rng.normal(0.0, 0.03, n))
+    bug = trend * np.where(np.array(sizes) == 4, 4.0, 1.0)
+    steps = _rows("a_bug", bug, sizes, 4) + _rows("c_ssd_multibox", trend, sizes, 4)
+    spikes, summary, gap = ssd_statistics.summarize(steps, {"a_bug": 0.48, "c_ssd_multibox": 0.03})
+    a, c = summary["a_bug"], summary["c_ssd_multibox"]
+    assert len(a["ratios"]) == 10 and len(spikes) == 20
+    assert all(3.3 < r < 4.8 for r in a["ratios"]), a["ratios"]
+    assert all(0.8 < r < 1.25 for r in c["ratios"]), c["ratios"]
+    assert abs(a["beta"] + 1) < 0.1 and a["verdict"] == "inverse_batch_size"
+    assert c["verdict"] == "invariant"
+    assert set(a["flagged"]) == {"short_batch"} and len(a["flagged"]) == 10
+    assert c["flagged"] == []
+    # the final loss: the mean batch loss of the last epoch's full batches
+    assert np.isclose(a["final_loss"], trend[-4:-1].mean())
+    assert ssd_statistics.check(summary, {}, 4.0) == []
+    assert gap == {}

@@ -6,8 +6,8 @@ the worker prints its result as one line `RESULT <json>` and
 `run_worker` returns it. The worker imports this checkout's
 `keras_batchfix`, whatever is installed.
 
-Imported by plain name (`from _backends import ...`) by the scripts beside
-it: Python puts a script's own folder first on `sys.path`.
+A script imports it as `from support.backends import ...`: Python puts a
+script's own folder first on `sys.path`.
 """
 
 import csv
@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 BACKENDS = ("tensorflow", "jax", "torch")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def cpu_name():

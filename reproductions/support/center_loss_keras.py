@@ -1,6 +1,6 @@
 """Keras side of the center-loss reproduction, with `keras_batchfix.CenterLoss`.
 
-The PyTorch experiment of `_center_loss_torch.run` written in Keras 3: the
+The PyTorch experiment of `center_loss_torch.run` written in Keras 3: the
 same data arrays, the same ImageNet-style ResNet (up to the padding
 alignment of the 3x3/2 max-pool), SGD with momentum and a
 `PiecewiseConstantDecay` schedule, and weight decay as an L2 penalty
@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-import _center_loss_torch as T
+from . import center_loss_torch as T
 
 KERAS_VARIANTS = ("relu", "prelu", "alpha_sched", "l2norm")
 

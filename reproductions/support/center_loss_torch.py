@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from keras_batchfix.references.torch_center_loss import TorchCenterLoss
 
-VARIANTS = ("relu", "prelu", "prelu_last", "alpha_sched", "no_bn_wd", "l2norm")
+from .center_loss_statistics import VARIANTS, decay_epochs  # noqa: F401
+
 NUM_CLASSES = 10
 N_VAL = 1000
 
@@ -171,11 +172,6 @@ class ResNet(nn.Module):
 # ----------------------------------------------------------------------------
 # schedule and diagnostics
 # ----------------------------------------------------------------------------
-def decay_epochs(epochs):
-    """Epochs completed before each decay: 1/3 and 2/3 of the run."""
-    return int(round(epochs / 3)), int(round(2 * epochs / 3))
-
-
 def lr_factor(epoch, epochs):
     """1 before epochs/3, 0.5 before 2*epochs/3, then 0.1 (0-based epoch)."""
     d1, d2 = decay_epochs(epochs)
