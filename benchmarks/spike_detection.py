@@ -18,7 +18,7 @@ per-sample cv 1), `flat` (constant, cv 1), `plateau` (falls for a third of the
 run, then flat, cv 1) and `noisy` (falling, cv 3); half of the traces have
 learning-rate decays (the loss drops to 0.6x at 50% and 75% of the run).
 
-Detectors (see `keras_batchfix.spike_analysis`):
+Detectors (see `keras_batchfix.spikes.analysis`):
 
 * `trailing (old)`: the previous monitor's rule, median and MAD of the 50
   steps before, threshold 6 (kept here for comparison);
@@ -50,9 +50,9 @@ import numpy as np
 
 
 def _load_analysis():
-    """`keras_batchfix.spike_analysis` without importing the package (and Keras)."""
+    """`keras_batchfix.spikes.analysis` without importing the package (and Keras)."""
     path = os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "..", "keras_batchfix", "spike_analysis.py"
+        os.path.dirname(os.path.abspath(__file__)), "..", "keras_batchfix", "spikes", "analysis.py"
     )
     spec = importlib.util.spec_from_file_location("spike_analysis", path)
     module = importlib.util.module_from_spec(spec)

@@ -22,7 +22,7 @@ _API = {
     "LocalCount": "keras_batchfix.normalizers",
     "Model": "keras_batchfix.model",
     "NormalizerUpdates": "keras_batchfix.model",
-    "SpikeMonitor": "keras_batchfix.spike_monitor",
+    "SpikeMonitor": "keras_batchfix.spikes.monitor",
     "SSDMultiboxLoss": "keras_batchfix.ssd_loss",
 }
 

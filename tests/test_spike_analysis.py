@@ -1,4 +1,4 @@
-"""Tests of `keras_batchfix.spike_analysis` (NumPy only, backend-independent)."""
+"""Tests of `keras_batchfix.spikes.analysis` (NumPy only, backend-independent)."""
 
 import importlib.util
 import subprocess
@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from keras_batchfix import spike_analysis
-from keras_batchfix.spike_analysis import DetectorConfig
-from keras_batchfix.spike_analysis import analyze
-from keras_batchfix.spike_analysis import attribute
-from keras_batchfix.spike_analysis import batch_size_exponent
-from keras_batchfix.spike_analysis import local_scores
+from keras_batchfix.spikes import analysis as spike_analysis
+from keras_batchfix.spikes.analysis import DetectorConfig
+from keras_batchfix.spikes.analysis import analyze
+from keras_batchfix.spikes.analysis import attribute
+from keras_batchfix.spikes.analysis import batch_size_exponent
+from keras_batchfix.spikes.analysis import local_scores
 
 
 def falling(n, rng=None, noise=0.0):
@@ -33,7 +33,7 @@ def test_module_imports_no_keras():
         "assert not {'keras', 'tensorflow', 'jax', 'torch'} & set(sys.modules), sorted(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-    assert importlib.util.find_spec("keras_batchfix.spike_analysis") is not None
+    assert importlib.util.find_spec("keras_batchfix.spikes.analysis") is not None
 
 
 def test_local_scores_find_a_spike_on_a_falling_curve():

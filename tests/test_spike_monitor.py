@@ -12,7 +12,7 @@ import pytest
 from keras import ops
 
 import keras_batchfix
-from keras_batchfix import spike_report
+from keras_batchfix.spikes import report as spike_report
 from tests.training import strategy_scope
 
 

@@ -6,11 +6,11 @@ import warnings
 import keras
 import numpy as np
 
-from keras_batchfix import spike_analysis
-from keras_batchfix import spike_report
+from keras_batchfix.spikes import analysis as spike_analysis
+from keras_batchfix.spikes import report as spike_report
 from keras_batchfix._keras_compat import print_msg
-from keras_batchfix.spike_recording import ROW_COLUMNS
-from keras_batchfix.spike_recording import LogsRecorder
+from keras_batchfix.spikes.recording import ROW_COLUMNS
+from keras_batchfix.spikes.recording import LogsRecorder
 
 
 class SpikeMonitor(keras.callbacks.Callback):
@@ -19,9 +19,9 @@ class SpikeMonitor(keras.callbacks.Callback):
     Keras's `logs["loss"]` is the epoch's running mean, which hides a
     one-step spike. For every step of `fit` the monitor records the loss of
     that batch, its batch size, the learning rate and, if the logs carry one,
-    the gradient norm (`keras_batchfix.spike_recording`: public API only,
+    the gradient norm (`keras_batchfix.spikes.recording`: public API only,
     nothing on the model is changed). At the end of `fit` it flags spikes
-    and names their causes (`keras_batchfix.spike_analysis`): with
+    and names their causes (`keras_batchfix.spikes.analysis`): with
     `y_t = log(loss_t)`, step `t` is a spike when
 
         (y_t - (median(y_{t-h..t-1}) + median(y_{t+1..t+h})) / 2) / scale_t > threshold
@@ -45,14 +45,14 @@ class SpikeMonitor(keras.callbacks.Callback):
             everything else and warns.
         tensorboard: write TensorBoard scalars (when `log_dir` is set).
         verbose: 1 prints the summary at the end of `fit`, 0 is silent.
-        recorder: a `spike_recording.StepRecorder`; default `LogsRecorder()`.
-        **detector: fields of `spike_analysis.DetectorConfig` (`threshold`,
+        recorder: a `keras_batchfix.spikes.recording.StepRecorder`; default `LogsRecorder()`.
+        **detector: fields of `keras_batchfix.spikes.analysis.DetectorConfig` (`threshold`,
             `half_window`, `exponent_z`, `lookback`, `lr_rtol`, ...).
 
     Attributes (after `fit`, or `analyze()` after an interrupted one):
-        steps: dict of NumPy arrays, one per column of `spike_report.COLUMNS`.
+        steps: dict of NumPy arrays, one per column of `keras_batchfix.spikes.report.COLUMNS`.
         spikes: list of dicts, one per spike, with the same keys.
-        report: the `spike_analysis.SpikeReport` (`report.exponent`, ...).
+        report: the `keras_batchfix.spikes.analysis.SpikeReport` (`report.exponent`, ...).
 
     Example:
 

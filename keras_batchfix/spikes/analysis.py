@@ -66,9 +66,10 @@ def _load_validation():
     """`keras_batchfix._validation`, loaded by its path, not through the package.
 
     This module imports no Keras: `benchmarks/spike_detection.py` loads it
-    by path alone, and so it loads its sibling.
+    by path alone, and so it loads the package's `_validation.py`.
     """
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_validation.py")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(package, "_validation.py")
     spec = importlib.util.spec_from_file_location("keras_batchfix_validation", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -105,7 +105,7 @@ def rows(steps):
 def summary(steps, report, log_dir=None):
     """A few lines: steps, spikes by cause, short batches, the batch-size exponent.
 
-    `report` is the `spike_analysis.SpikeReport` of `steps`.
+    `report` is the `analysis.SpikeReport` of `steps`.
     """
     n = len(steps["loss"])
     spikes = np.nonzero(steps["spike"])[0]

@@ -1,0 +1,3 @@
+"""The spike monitor: a callback (`monitor`), how it records each step
+(`recording`), the NumPy analysis of the recorded steps (`analysis`) and its
+outputs (`report`). `keras_batchfix.SpikeMonitor` is `monitor.SpikeMonitor`."""
