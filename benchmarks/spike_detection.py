@@ -50,15 +50,22 @@ import numpy as np
 
 
 def _load_analysis():
-    """`keras_batchfix.spikes.analysis` without importing the package (and Keras)."""
-    path = os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "..", "keras_batchfix", "spikes", "analysis.py"
+    """`keras_batchfix.spikes.analysis` without importing the package (and Keras).
+
+    `keras_batchfix/spikes/` is loaded as a stand-alone package of its own
+    name, so that its modules' relative imports resolve without
+    `keras_batchfix/__init__.py`.
+    """
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "keras_batchfix",
+                          "spikes")
+    spec = importlib.util.spec_from_file_location(
+        "batchfix_spikes", os.path.join(folder, "__init__.py"),
+        submodule_search_locations=[folder],
     )
-    spec = importlib.util.spec_from_file_location("spike_analysis", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module("batchfix_spikes.analysis")
 
 
 analysis = _load_analysis()

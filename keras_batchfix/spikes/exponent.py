@@ -1,0 +1,357 @@
+"""The batch-size exponent of a run, from its short batches (NumPy only).
+
+A loss that scales as `B ** beta` in the batch size `B` makes a short batch
+of `b` samples read `(b / B) ** beta` times what a full batch would have read
+at the same point of training. Each short batch is compared with its own
+neighbours: with `y_t = log(loss_t)`, `level_t` the mean of the medians of
+`y` over the `neighbours` nearest full batches on each side of `t` (only
+steps at the same learning rate; one side where the other is missing),
+
+    beta_t = (y_t - level_t) / log(b_t / B)
+
+and the run's exponent is the 20%-trimmed mean of the `beta_t` with Yuen's
+95% t interval. The falling trend of the loss cancels between the two sides,
+a learning-rate decay is never straddled, and a spike in a neighbour (a
+median) or at a short batch (trimmed) barely moves it.
+
+A verdict is named only when the interval supports it:
+
+* `"inverse_batch_size"`: the interval excludes 0 and contains -1 (a loss
+  divided by the batch size twice; `keras_batchfix.compensate` fixes it);
+* `"batch_size"`: it excludes 0 and contains +1 (a sum over the batch);
+* `"other"`: it excludes -1, 0 and +1;
+* `"invariant"`: it contains 0 and lies within `(-invariant_width,
+  invariant_width)`;
+* `"inconclusive"` otherwise (too few or too noisy short batches), and
+  `"unknown"` when no batch had another size than the usual one.
+
+Example:
+
+>>> losses = np.ones(70); losses[6::7] = 4.0      # every 7th batch: 4 of 16
+>>> sizes = np.full(70, 16.0); sizes[6::7] = 4.0
+>>> result = batch_size_exponent(losses, sizes)
+>>> round(result.value, 3), result.verdict
+(-1.0, 'inverse_batch_size')
+"""
+
+import dataclasses
+import math
+import warnings
+
+import numpy as np
+
+#: t quantiles of a two-sided 95% interval for 1..30 degrees of freedom.
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)
+_Z975 = 1.959964
+#: Half-width an interval must shrink to before it can rule out 0 or -1.
+_SETTLING_HALF_WIDTH = 0.45
+_TOLERANCE = 1e-9  # float round-off when an interval of width 0 "contains" -1
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with `df` degrees of freedom.
+
+    A table up to 30, the Cornish-Fisher expansion beyond (error < 1e-4).
+
+    >>> t975(7), round(t975(1000), 3)
+    (2.365, 1.962)
+    """
+    if df < 1:
+        return float("nan")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = _Z975
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def trimmed_mean_interval(values, trim: float = 0.2):
+    """(trimmed mean, standard error, degrees of freedom) of `values` (Yuen).
+
+    `g = floor(trim * n)` values are cut from each end; the standard error is
+    `sqrt((n - 1) * s_w**2 / (h * (h - 1)))`, `s_w**2` the variance of the
+    `g`-winsorized values and `h = n - 2 g`, with `h - 1` degrees of freedom.
+    NaNs when fewer than 2 values remain.
+
+    >>> trimmed_mean_interval([1.0, 2.0, 3.0, 4.0, 100.0])[0]
+    3.0
+    """
+    x = np.sort(np.asarray(values, dtype="float64"))
+    n = x.size
+    g = int(math.floor(trim * n))
+    h = n - 2 * g
+    if h < 2:
+        nan = float("nan")
+        return (float(x.mean()) if n else nan), nan, 0
+    mean = float(x[g : n - g].mean())
+    winsorized = np.clip(x, x[g], x[n - g - 1])
+    variance = float(np.var(winsorized, ddof=1))
+    return mean, math.sqrt((n - 1) * variance / (h * (h - 1))), h - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSizeExponent:
+    """The loss's batch-size exponent in a run: `loss ~ B ** value`.
+
+    Attributes:
+        value: the trimmed mean of the short batches' `beta_t` (NaN without
+            short batches).
+        stderr: its standard error; `low`, `high`: the 95% interval.
+        short_batches: short batches in the estimate.
+        batch_size: the usual batch size `B`; `short_size`: the median
+            size of the short batches.
+        invariant_width: the interval must lie within +-this for
+            `"invariant"`.
+        repeated: whether the batches repeat from epoch to epoch (then the
+            interval includes the short batch's own samples' offset).
+    """
+
+    value: float
+    stderr: float
+    low: float
+    high: float
+    short_batches: int
+    batch_size: float = float("nan")
+    short_size: float = float("nan")
+    invariant_width: float = 0.5
+    repeated: bool = False
+
+    def _contains(self, target: float) -> bool:
+        return self.low - _TOLERANCE <= target <= self.high + _TOLERANCE
+
+    @property
+    def significant(self) -> bool:
+        """Whether the 95% interval excludes 0 (the batch size matters)."""
+        return math.isfinite(self.low) and not self._contains(0.0)
+
+    @property
+    def verdict(self) -> str:
+        """`"inverse_batch_size"`, `"batch_size"`, `"other"`, `"invariant"`,
+        `"inconclusive"` or `"unknown"` (module docstring)."""
+        if self.short_batches == 0:
+            return "unknown"
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            return "inconclusive"
+        if self.significant:
+            if self._contains(-1.0):
+                return "inverse_batch_size"
+            if self._contains(1.0):
+                return "batch_size"
+            if self.low > 1.0 or self.high < -1.0 or (self.low > -1.0 and self.high < 1.0):
+                return "other"
+            return "inconclusive"
+        if -self.invariant_width < self.low and self.high < self.invariant_width:
+            return "invariant"
+        return "inconclusive"
+
+    def _settle(self) -> str:
+        if self.repeated:
+            return ("the batches repeat from epoch to epoch, so the short batch's own "
+                    "samples cannot be told from a batch-size effect and more epochs "
+                    "will not settle it; check one batch with keras_batchfix.diagnose")
+        return (f"about {self.epochs_to_settle()} epochs would likely settle it, or "
+                "check one batch with keras_batchfix.diagnose")
+
+    def epochs_to_settle(self) -> int:
+        """Short batches (epochs, one each) that would likely narrow the
+        interval enough to name a verdict: `n * (half_width / 0.45) ** 2`."""
+        half = self.high - self.low
+        if not math.isfinite(half) or self.short_batches < 3:
+            return max(12, 4 * self.short_batches)
+        return max(self.short_batches + 1,
+                   math.ceil(self.short_batches * (half / 2 / _SETTLING_HALF_WIDTH) ** 2))
+
+    def message(self) -> str:
+        """One sentence: the exponent, its interval and what it means."""
+        if self.verdict == "unknown":
+            return "the batch size never changed in this run: its effect on the loss is unknown"
+        sizes = f"{self.short_batches} short batches"
+        if math.isfinite(self.short_size) and math.isfinite(self.batch_size):
+            sizes += f" of {self.short_size:g} against {self.batch_size:g}"
+        if math.isfinite(self.low):
+            scaling = (
+                f"in this run your loss scales as B^{self.value:+.2f} ± "
+                f"{(self.high - self.low) / 2:.2f} (95% CI, {sizes})"
+            )
+        else:
+            scaling = f"in this run your loss scales as B^{self.value:+.2f} (no interval: {sizes})"
+        advice = {
+            "inverse_batch_size": "it is divided by the batch size twice; wrap it in "
+            "keras_batchfix.compensate",
+            "batch_size": "it is summed over the batch; return per-sample values or "
+            "divide by the batch size",
+            "invariant": "it does not depend on the batch size",
+            "other": "it depends on the batch size, but as none of B^-1, B^0, B^+1; "
+            "check it with keras_batchfix.diagnose",
+            "inconclusive": "inconclusive: too few or too noisy short batches to tell "
+            f"an invariant loss from one divided by the batch size twice; {self._settle()}",
+        }[self.verdict]
+        return f"{scaling}: {advice}"
+
+
+def _side_median(y, candidates, count, need):
+    """Median of `y` over the first `count` of `candidates`, NaN with fewer than `need`."""
+    chosen = candidates[:count]
+    return float(np.median(y[chosen])) if chosen.size >= need else float("nan")
+
+
+def short_batch_ratios(losses, batch_sizes, learning_rates=None, neighbours: int = 5):
+    """(steps, log ratios `y_t - level_t`, `log(b_t / B)`) of the short batches.
+
+    `level_t` as in the module docstring; a short batch with fewer than
+    `(neighbours + 1) // 2` usable full batches on both sides is skipped.
+    """
+    losses = np.asarray(losses, dtype="float64")
+    sizes = np.asarray(batch_sizes, dtype="float64")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.where(np.isfinite(losses) & (losses > 0), np.log(losses), np.nan)
+    usual = usual_batch_size(sizes)
+    rates = (np.zeros(sizes.shape) if learning_rates is None
+             else np.asarray(learning_rates, dtype="float64"))
+    finite = np.isfinite(y) & np.isfinite(sizes)
+    full = np.nonzero(finite & (sizes == usual))[0]
+    need = (neighbours + 1) // 2
+    steps, ratios, x = [], [], []
+    for t in np.nonzero(finite & (sizes != usual) & (sizes > 0))[0]:
+        same = full[np.isclose(rates[full], rates[t], rtol=1e-6, atol=0.0)
+                    | (np.isnan(rates[full]) & np.isnan(rates[t]))]
+        left = _side_median(y, same[same < t][::-1], neighbours, need)
+        right = _side_median(y, same[same > t], neighbours, need)
+        sides = [v for v in (left, right) if math.isfinite(v)]
+        if not sides:
+            continue
+        steps.append(int(t))
+        ratios.append(y[t] - sum(sides) / len(sides))
+        x.append(math.log(sizes[t] / usual))
+    return np.array(steps, dtype="int64"), np.array(ratios), np.array(x)
+
+
+def repeated_batch_offset(losses, batch_sizes, neighbours: int = 5, min_correlation=0.5):
+    """(whether the batches repeat each epoch, variance of a full batch's own offset).
+
+    With short batches every `P` steps (one an epoch), the full batches'
+    residuals `e_t = y_t - median(y_{t-k..t+k})` are correlated with
+    `e_{t+P}` when every epoch holds the same batches (`fit` on TensorFlow
+    after `keras.utils.set_random_seed` does this with arrays). Then a
+    batch's own samples lift or lower its loss by the same offset every
+    epoch, of variance `cov(e_t, e_{t+P})` for a full batch: a short batch's
+    offset does not average out over epochs. `(False, 0.0)` otherwise.
+    """
+    losses = np.asarray(losses, dtype="float64")
+    sizes = np.asarray(batch_sizes, dtype="float64")
+    usual = usual_batch_size(sizes)
+    short = np.nonzero(np.isfinite(sizes) & (sizes != usual))[0]
+    gaps = np.unique(np.diff(short))
+    if gaps.size != 1 or gaps[0] < 2 * neighbours:
+        return False, 0.0
+    period = int(gaps[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.where((sizes == usual) & (losses > 0), np.log(losses), np.nan)
+    padded = np.concatenate([np.full(neighbours, np.nan), y, np.full(neighbours, np.nan)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * neighbours + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        residual = y - np.nanmedian(windows, axis=1)
+    a, b = residual[:-period], residual[period:]
+    keep = np.isfinite(a) & np.isfinite(b)
+    if keep.sum() < 10:
+        return False, 0.0
+    a, b = a[keep] - a[keep].mean(), b[keep] - b[keep].mean()
+    covariance = float(np.mean(a * b))
+    correlation = covariance / max(float(np.sqrt(np.mean(a * a) * np.mean(b * b))), 1e-300)
+    if correlation < min_correlation:
+        return False, 0.0
+    return True, max(covariance, 0.0)
+
+
+def usual_batch_size(batch_sizes) -> float:
+    """The most common batch size (the largest of equally common ones).
+
+    >>> usual_batch_size([16, 16, 4, 16, 16, 4])
+    16.0
+    """
+    sizes = np.asarray(batch_sizes, dtype="float64")
+    sizes = sizes[np.isfinite(sizes)]
+    if sizes.size == 0:
+        return float("nan")
+    values, counts = np.unique(sizes, return_counts=True)
+    return float(values[counts == counts.max()].max())
+
+
+def batch_size_exponent(losses, batch_sizes, learning_rates=None, neighbours: int = 5,
+                        trim: float = 0.2, invariant_width: float = 0.5) -> BatchSizeExponent:
+    """The batch-size exponent `beta` of a run (`loss ~ B ** beta`), from its short batches.
+
+    Each short batch's `beta_t = (y_t - level_t) / log(b_t / B)` against its
+    `neighbours` full batches on each side at the same learning rate; the
+    `trim`-trimmed mean over the run with Yuen's 95% t interval (module
+    docstring), widened by a short batch's own offset when the batches
+    repeat from epoch to epoch (`repeated_batch_offset`).
+
+    Args:
+        losses: 1-D per-step losses (non-positive or non-finite ones skipped).
+        batch_sizes: 1-D per-step batch sizes, the same shape.
+        learning_rates: 1-D per-step learning rates, or None (one rate).
+        neighbours: full batches on each side of a short one.
+        trim: fraction cut from each end before averaging.
+        invariant_width: the half-width an `"invariant"` interval must fit in.
+
+    Returns:
+        A `BatchSizeExponent`.
+
+    Example:
+
+    >>> losses = np.linspace(2.0, 1.0, 84); losses[6::7] *= 16 / 4
+    >>> sizes = np.full(84, 16.0); sizes[6::7] = 4.0
+    >>> round(batch_size_exponent(losses, sizes).value, 2)
+    -1.0
+    """
+    losses = np.asarray(losses, dtype="float64")
+    sizes = np.asarray(batch_sizes, dtype="float64")
+    if losses.shape != sizes.shape:
+        raise ValueError(
+            "Arguments `losses` and `batch_sizes` must have the same shape; "
+            f"received {losses.shape} and {sizes.shape}."
+        )
+    steps, ratios, x = short_batch_ratios(losses, sizes, learning_rates, neighbours)
+    usual = usual_batch_size(sizes)
+    short_size = float(np.median(sizes[steps])) if steps.size else float("nan")
+    if steps.size == 0:
+        nan = float("nan")
+        return BatchSizeExponent(nan, nan, nan, nan, 0, usual, short_size, invariant_width)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        value, stderr, df = trimmed_mean_interval(ratios / x, trim)
+    repeated, offset = repeated_batch_offset(losses, sizes, neighbours)
+    if repeated:  # the short batch's own offset, common to all epochs
+        stderr = math.sqrt(stderr**2 + offset * usual / short_size / float(np.mean(x)) ** 2)
+    half = t975(df) * stderr if steps.size >= 3 else float("nan")
+    return BatchSizeExponent(value, stderr, value - half, value + half, int(steps.size),
+                             usual, short_size, invariant_width, repeated)
+
+
+def exponent_spikes(batch_sizes, exponent: BatchSizeExponent, min_ratio: float = 1.1):
+    """Short batches that the run's exponent inflates by `min_ratio` or more.
+
+    With the verdict `"inverse_batch_size"` a short batch of `b` reads
+    `B / b` times high; with `"other"` and a negative exponent,
+    `(B / b) ** -value`. Other verdicts flag nothing.
+
+    >>> exp = BatchSizeExponent(-1.0, 0.05, -1.1, -0.9, 12)
+    >>> exponent_spikes([16, 16, 4], exp).tolist()
+    [False, False, True]
+    """
+    sizes = np.asarray(batch_sizes, dtype="float64")
+    if exponent.verdict == "inverse_batch_size":
+        beta = -1.0
+    elif exponent.verdict == "other" and exponent.value < 0:
+        beta = exponent.value
+    else:
+        return np.zeros(sizes.shape, dtype=bool)
+    usual = usual_batch_size(sizes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inflation = (usual / sizes) ** -beta
+    return np.nan_to_num(inflation, nan=0.0) >= min_ratio
