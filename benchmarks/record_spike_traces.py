@@ -12,7 +12,8 @@ epoch is 30 full batches and a short last batch of `last` samples. Losses:
   high);
 * `clean`: plain cross-entropy (exponent 0).
 
-Each run writes `benchmarks/traces/<backend>_<loss>_<last>.csv`: one row per
+Each run (seeds 0, 1 and 2 of each loss and short batch) writes
+`benchmarks/traces/<backend>_<loss>_<last>_seed<seed>.csv`: one row per
 step (`step, epoch, batch, loss, batch_size, learning_rate`, what the monitor
 recorded), after a `#` line with the command. `benchmarks/spike_detection.py`
 analyses them beside its synthetic traces. Run one backend per process:
@@ -109,17 +110,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--losses", default="buggy,clean")
     parser.add_argument("--last", default="56,20", help="short last batch sizes")
+    parser.add_argument("--seeds", default="0,1,2")
     args = parser.parse_args()
     backend = keras.backend.backend()
     os.makedirs(FOLDER, exist_ok=True)
     command = f"KERAS_BACKEND={backend} python benchmarks/record_spike_traces.py"
-    for loss in args.losses.split(","):
-        for last in (int(v) for v in args.last.split(",")):
-            start = time.perf_counter()
-            steps = record(loss, last)
-            path = os.path.join(FOLDER, f"{backend}_{loss}_{last}.csv")
-            write(path, steps, command)
-            print(f"{path}: {len(steps['loss'])} steps, {time.perf_counter() - start:.0f} s")
+    runs = [(loss, int(last), int(seed)) for seed in args.seeds.split(",")
+            for loss in args.losses.split(",") for last in args.last.split(",")]
+    for loss, last, seed in runs:
+        start = time.perf_counter()
+        steps = record(loss, last, seed)
+        path = os.path.join(FOLDER, f"{backend}_{loss}_{last}_seed{seed}.csv")
+        write(path, steps, command)
+        print(f"{path}: {len(steps['loss'])} steps, {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 A loss that scales as `B ** beta` in the batch size `B` makes a short batch
 of `b` samples read `(b / B) ** beta` times what a full batch would have read
 at the same point of training. Each short batch is compared with its own
-neighbours: with `y_t = log(loss_t)`, `level_t` the mean of the medians of
-`y` over the `neighbours` nearest full batches on each side of `t` (only
-steps at the same learning rate; one side where the other is missing),
+neighbours: with `y_t = log(loss_t)` and `level_t` the line through the
+medians of `y` over the `neighbours` nearest full batches on each side of
+`t`, read at `t` (only steps at the same learning rate; where one side is
+missing, the line through the two nearest groups on the other),
 
     beta_t = (y_t - level_t) / log(b_t / B)
 
@@ -16,12 +17,14 @@ median) or at a short batch (trimmed) barely moves it.
 
 A verdict is named only when the interval supports it:
 
-* `"inverse_batch_size"`: the interval excludes 0 and contains -1 (a loss
-  divided by the batch size twice; `keras_batchfix.compensate` fixes it);
-* `"batch_size"`: it excludes 0 and contains +1 (a sum over the batch);
-* `"other"`: it excludes -1, 0 and +1;
-* `"invariant"`: it contains 0 and lies within `(-invariant_width,
-  invariant_width)`;
+* `"inverse_batch_size"`: the interval excludes 0 and contains -1, or
+  comes within 0.1 of it (a loss divided by the batch size twice;
+  `keras_batchfix.compensate` fixes it);
+* `"batch_size"`: it excludes 0 and contains (or comes within 0.1 of) +1
+  (a sum over the batch);
+* `"other"`: it stays more than 0.1 away from each of -1, 0 and +1;
+* `"invariant"`: it contains (or comes within 0.1 of) 0 and lies within
+  `(-invariant_width, invariant_width)`;
 * `"inconclusive"` otherwise (too few or too noisy short batches), and
   `"unknown"` when no batch had another size than the usual one.
 
@@ -49,7 +52,10 @@ _T975 = (
 _Z975 = 1.959964
 #: Half-width an interval must shrink to before it can rule out 0 or -1.
 _SETTLING_HALF_WIDTH = 0.45
-_TOLERANCE = 1e-9  # float round-off when an interval of width 0 "contains" -1
+_TOLERANCE = 1e-9  # float round-off when an interval of width 0 "contains" 0
+#: An interval within this of -1, 0 or +1 names it: which samples the short
+#: batches hold biases a long run's narrow interval by a few hundredths.
+_MARGIN = 0.1
 
 
 def t975(df: int) -> float:
@@ -119,8 +125,8 @@ class BatchSizeExponent:
     invariant_width: float = 0.5
     repeated: bool = False
 
-    def _contains(self, target: float) -> bool:
-        return self.low - _TOLERANCE <= target <= self.high + _TOLERANCE
+    def _contains(self, target: float, margin: float = _TOLERANCE) -> bool:
+        return self.low - margin <= target <= self.high + margin
 
     @property
     def significant(self) -> bool:
@@ -135,16 +141,15 @@ class BatchSizeExponent:
             return "unknown"
         if not (math.isfinite(self.low) and math.isfinite(self.high)):
             return "inconclusive"
-        if self.significant:
-            if self._contains(-1.0):
-                return "inverse_batch_size"
-            if self._contains(1.0):
-                return "batch_size"
-            if self.low > 1.0 or self.high < -1.0 or (self.low > -1.0 and self.high < 1.0):
-                return "other"
-            return "inconclusive"
-        if -self.invariant_width < self.low and self.high < self.invariant_width:
-            return "invariant"
+        if self.significant and self._contains(-1.0, _MARGIN):
+            return "inverse_batch_size"
+        if self.significant and self._contains(1.0, _MARGIN):
+            return "batch_size"
+        if self._contains(0.0, _MARGIN):
+            inside = -self.invariant_width < self.low and self.high < self.invariant_width
+            return "invariant" if inside else "inconclusive"
+        if not (self._contains(-1.0, _MARGIN) or self._contains(1.0, _MARGIN)):
+            return "other"
         return "inconclusive"
 
     def _settle(self) -> str:
@@ -184,25 +189,55 @@ class BatchSizeExponent:
             "batch_size": "it is summed over the batch; return per-sample values or "
             "divide by the batch size",
             "invariant": "it does not depend on the batch size",
-            "other": "it depends on the batch size, but as none of B^-1, B^0, B^+1; "
-            "check it with keras_batchfix.diagnose",
+            "other": "it depends on the batch size, but as none of B^-1, B^0, B^+1"
+            + (" (the batches repeat from epoch to epoch: the short batch's own "
+               "samples may be the cause)" if self.repeated else "")
+            + "; check it with keras_batchfix.diagnose",
             "inconclusive": "inconclusive: too few or too noisy short batches to tell "
             f"an invariant loss from one divided by the batch size twice; {self._settle()}",
         }[self.verdict]
         return f"{scaling}: {advice}"
 
 
-def _side_median(y, candidates, count, need):
-    """Median of `y` over the first `count` of `candidates`, NaN with fewer than `need`."""
+def _side(y, candidates, count, need):
+    """(median of `y`, median position) over the first `count` of `candidates`;
+    NaNs with fewer than `need` of them."""
     chosen = candidates[:count]
-    return float(np.median(y[chosen])) if chosen.size >= need else float("nan")
+    if chosen.size < need:
+        return float("nan"), float("nan")
+    return float(np.median(y[chosen])), float(np.median(chosen))
+
+
+def _level(y, t, same, neighbours):
+    """`y`'s local level at step `t` from the full steps `same` around it.
+
+    The line through the medians (at their median positions) of the
+    `neighbours` nearest full steps on each side, read at `t`; with one side
+    only, the line through that side's nearest and next `neighbours` steps
+    (a trend is extrapolated, not ignored). NaN without either.
+    """
+    need = (neighbours + 1) // 2
+    before, after = same[same < t][::-1], same[same > t]
+    left, right = _side(y, before, neighbours, need), _side(y, after, neighbours, need)
+    if math.isnan(left[0]) and math.isnan(right[0]):
+        return float("nan")
+    if math.isnan(left[0]) or math.isnan(right[0]):
+        near, rest = (right, after) if math.isnan(left[0]) else (left, before)
+        far = _side(y, rest[neighbours:], neighbours, need)
+        if math.isnan(far[0]):
+            return near[0]
+        left, right = near, far
+    slope = (right[0] - left[0]) / (right[1] - left[1])
+    return left[0] + slope * (t - left[1])
 
 
 def short_batch_ratios(losses, batch_sizes, learning_rates=None, neighbours: int = 5):
     """(steps, log ratios `y_t - level_t`, `log(b_t / B)`) of the short batches.
 
-    `level_t` as in the module docstring; a short batch with fewer than
-    `(neighbours + 1) // 2` usable full batches on both sides is skipped.
+    `level_t` as in the module docstring (`_level`); a short batch with fewer
+    than `(neighbours + 1) // 2` usable full batches on both sides is skipped. The
+    log ratios are corrected for the log of a mean of fewer samples reading
+    low (`_full_batch_variance`).
     """
     losses = np.asarray(losses, dtype="float64")
     sizes = np.asarray(batch_sizes, dtype="float64")
@@ -213,20 +248,40 @@ def short_batch_ratios(losses, batch_sizes, learning_rates=None, neighbours: int
              else np.asarray(learning_rates, dtype="float64"))
     finite = np.isfinite(y) & np.isfinite(sizes)
     full = np.nonzero(finite & (sizes == usual))[0]
-    need = (neighbours + 1) // 2
     steps, ratios, x = [], [], []
     for t in np.nonzero(finite & (sizes != usual) & (sizes > 0))[0]:
         same = full[np.isclose(rates[full], rates[t], rtol=1e-6, atol=0.0)
                     | (np.isnan(rates[full]) & np.isnan(rates[t]))]
-        left = _side_median(y, same[same < t][::-1], neighbours, need)
-        right = _side_median(y, same[same > t], neighbours, need)
-        sides = [v for v in (left, right) if math.isfinite(v)]
-        if not sides:
+        level = _level(y, t, same, neighbours)
+        if math.isnan(level):
             continue
         steps.append(int(t))
-        ratios.append(y[t] - sum(sides) / len(sides))
+        ratios.append(y[t] - level)
         x.append(math.log(sizes[t] / usual))
-    return np.array(steps, dtype="int64"), np.array(ratios), np.array(x)
+    steps, ratios = np.array(steps, dtype="int64"), np.array(ratios)
+    if steps.size:
+        # The log of a mean of b samples reads low by about `s2 * B / (2 b)`,
+        # `s2` the variance of a full batch's log-loss: a short batch reads
+        # lower than its neighbours by `s2 / 2 * (B / b - 1)` even at beta 0.
+        ratios = ratios + 0.5 * _full_batch_variance(y, sizes == usual, neighbours) * (
+            usual / sizes[steps] - 1.0)
+    return steps, ratios, np.array(x)
+
+
+def _full_batch_variance(y, full, neighbours):
+    """Robust variance of the full batches' log-loss around their local median."""
+    values = np.where(full, y, np.nan)
+    padded = np.concatenate([np.full(neighbours, np.nan), values, np.full(neighbours, np.nan)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * neighbours + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        residual = values - np.nanmedian(windows, axis=1)
+    residual = residual[np.isfinite(residual)]
+    if residual.size < 10:
+        return 0.0
+    # The median of 2k + 1 values around a step leaves about 1 - 1 / (2k + 1) of its variance.
+    spread = 1.4826 * float(np.median(np.abs(residual)))
+    return spread**2 / (1.0 - 1.0 / (2 * neighbours + 1))
 
 
 def repeated_batch_offset(losses, batch_sizes, neighbours: int = 5, min_correlation=0.5):
@@ -245,7 +300,7 @@ def repeated_batch_offset(losses, batch_sizes, neighbours: int = 5, min_correlat
     usual = usual_batch_size(sizes)
     short = np.nonzero(np.isfinite(sizes) & (sizes != usual))[0]
     gaps = np.unique(np.diff(short))
-    if gaps.size != 1 or gaps[0] < 2 * neighbours:
+    if short.size < 4 or gaps.size != 1 or gaps[0] < 3:
         return False, 0.0
     period = int(gaps[0])
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -260,6 +315,8 @@ def repeated_batch_offset(losses, batch_sizes, neighbours: int = 5, min_correlat
     if keep.sum() < 10:
         return False, 0.0
     a, b = a[keep] - a[keep].mean(), b[keep] - b[keep].mean()
+    if min(float(np.mean(a * a)), float(np.mean(b * b))) < 1e-12:  # no batch-to-batch spread
+        return False, 0.0
     covariance = float(np.mean(a * b))
     correlation = covariance / max(float(np.sqrt(np.mean(a * a) * np.mean(b * b))), 1e-300)
     if correlation < min_correlation:
@@ -336,22 +393,19 @@ def batch_size_exponent(losses, batch_sizes, learning_rates=None, neighbours: in
 def exponent_spikes(batch_sizes, exponent: BatchSizeExponent, min_ratio: float = 1.1):
     """Short batches that the run's exponent inflates by `min_ratio` or more.
 
-    With the verdict `"inverse_batch_size"` a short batch of `b` reads
-    `B / b` times high; with `"other"` and a negative exponent,
-    `(B / b) ** -value`. Other verdicts flag nothing.
+    Only with the verdict `"inverse_batch_size"`, under which a short batch
+    of `b` reads `B / b` times high; other verdicts flag nothing (an
+    `"other"` exponent names no cause a short batch's loss could be
+    corrected by).
 
     >>> exp = BatchSizeExponent(-1.0, 0.05, -1.1, -0.9, 12)
     >>> exponent_spikes([16, 16, 4], exp).tolist()
     [False, False, True]
     """
     sizes = np.asarray(batch_sizes, dtype="float64")
-    if exponent.verdict == "inverse_batch_size":
-        beta = -1.0
-    elif exponent.verdict == "other" and exponent.value < 0:
-        beta = exponent.value
-    else:
+    if exponent.verdict != "inverse_batch_size":
         return np.zeros(sizes.shape, dtype=bool)
     usual = usual_batch_size(sizes)
     with np.errstate(divide="ignore", invalid="ignore"):
-        inflation = (usual / sizes) ** -beta
+        inflation = usual / sizes
     return np.nan_to_num(inflation, nan=0.0) >= min_ratio
