@@ -27,11 +27,14 @@ class SpikeMonitor(keras.callbacks.Callback):
         (y_t - (median(y_{t-h..t-1}) + median(y_{t+1..t+h})) / 2) / scale_t > threshold
 
     and it is above both medians (the scale is the robust spread of that
-    residual around `t`), or when it is a short batch that the run's
-    batch-size exponent (`loss ~ B**beta`, a regression over all steps)
-    significantly inflates. Causes: `"short_batch"`, `"after_short_batch"`,
-    `"lr_change"`, `"grad_norm"`, `"unknown"`. It prints a summary (with the
-    exponent, e.g. "B^-1.00 ± 0.05: divided by the batch size twice") and
+    residual around `t`), or when it is a short batch and the run's
+    batch-size exponent (`loss ~ B**beta`, each short batch against its
+    neighbouring full ones, pooled over epochs with a 95% interval) is named
+    -1. A verdict is named only when the interval supports it, otherwise
+    "inconclusive" with what would settle it. Causes: `"short_batch"`,
+    `"after_short_batch"`, `"lr_change"`, `"grad_norm"`, `"unknown"`. It
+    prints a summary (with the exponent, e.g. "B^-1.00 ± 0.05: divided by
+    the batch size twice") and
     writes into `log_dir`: `steps.csv`, `steps.png` (needs matplotlib, the
     `plots` extra) and, with `tensorboard=True`, scalars under
     `log_dir/tensorboard` (through `tf.summary`; needs TensorFlow). See
@@ -47,7 +50,7 @@ class SpikeMonitor(keras.callbacks.Callback):
         verbose: 1 prints the summary at the end of `fit`, 0 is silent.
         recorder: a `keras_batchfix.spikes.recording.StepRecorder`; default `LogsRecorder()`.
         **detector: fields of `keras_batchfix.spikes.analysis.DetectorConfig` (`threshold`,
-            `half_window`, `exponent_z`, `lookback`, `lr_rtol`, ...).
+            `half_window`, `neighbours`, `lookback`, `lr_rtol`, ...).
 
     Attributes (after `fit`, or `analyze()` after an interrupted one):
         steps: dict of NumPy arrays, one per column of `keras_batchfix.spikes.report.COLUMNS`.
