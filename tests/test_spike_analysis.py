@@ -149,7 +149,8 @@ def test_attribute_each_cause():
 
 def test_config_errors_name_the_argument():
     for name, value in [("threshold", 0), ("half_window", 0), ("min_ratio", 0.5),
-                        ("lr_rtol", -1), ("min_scale", 0)]:
+                        ("lr_rtol", -1), ("min_scale", 0), ("neighbours", 2.5),
+                        ("trim", 0.5), ("trim", "0.2"), ("invariant_width", 0)]:
         with pytest.raises(ValueError, match=rf"`{name}` must be .*received {name}={value!r}"):
             DetectorConfig(**{name: value})
 

@@ -180,7 +180,8 @@ def _window_median(values, start, stop, min_count=1):
     return np.where(np.sum(np.isfinite(windows), axis=1) >= min_count, median, np.nan)
 
 
-def local_scores(losses, config=DetectorConfig(), batch_sizes=None):
+def local_scores(losses, config: DetectorConfig = DetectorConfig(),
+                 batch_sizes=None) -> LocalScores:
     """Scores every step against a two-sided local baseline (module docstring).
 
     With `batch_sizes`, the scale of a batch of `b_t < B` samples is
@@ -268,7 +269,8 @@ def _changed(values, rtol):
     return changed
 
 
-def attribute(spikes, batch_sizes, learning_rates, grad_norms=None, config=DetectorConfig()):
+def attribute(spikes, batch_sizes, learning_rates, grad_norms=None,
+              config: DetectorConfig = DetectorConfig()) -> list:
     """Names the visible cause of each spike.
 
     * `"short_batch"`: the step's batch is smaller than the usual one;
@@ -315,7 +317,8 @@ def attribute(spikes, batch_sizes, learning_rates, grad_norms=None, config=Detec
     return causes
 
 
-def analyze(losses, batch_sizes, learning_rates, grad_norms=None, config=DetectorConfig()):
+def analyze(losses, batch_sizes, learning_rates, grad_norms=None,
+            config: DetectorConfig = DetectorConfig()) -> SpikeReport:
     """Spikes of a run, their causes and the batch-size exponent.
 
     `spikes = local_scores(...).spikes | exponent_spikes(...)`: a step is a

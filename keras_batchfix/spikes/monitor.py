@@ -66,8 +66,8 @@ class SpikeMonitor(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, log_dir=None, plot=None, tensorboard=False, verbose=1, recorder=None,
-                 **detector):
+    def __init__(self, log_dir: "str | os.PathLike | None" = None, plot: "bool | None" = None,
+                 tensorboard: bool = False, verbose: int = 1, recorder=None, **detector):
         super().__init__()
         if verbose not in (0, 1):
             raise ValueError(
@@ -147,7 +147,7 @@ class SpikeMonitor(keras.callbacks.Callback):
             )
         return False
 
-    def analyze(self):
+    def analyze(self) -> list:
         """Flags and attributes the spikes of the epochs recorded so far.
 
         `fit` calls it at its end; after an interrupted `fit` (Keras then
