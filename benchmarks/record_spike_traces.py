@@ -19,7 +19,13 @@ recorded), after a `#` line with the command. `benchmarks/spike_detection.py`
 analyses them beside its synthetic traces. Run one backend per process:
 
     KERAS_BACKEND=tensorflow python benchmarks/record_spike_traces.py
+    KERAS_BACKEND=tensorflow python benchmarks/record_spike_traces.py --data tfdata
     KERAS_BACKEND=jax python benchmarks/record_spike_traces.py
+
+`fit` on NumPy arrays after `keras.utils.set_random_seed` feeds the same
+batches every epoch on TensorFlow (not on JAX); `--data tfdata` feeds a
+`tf.data` pipeline that `shuffle(..., seed, reshuffle_each_iteration=True)`
+reshuffles each epoch (`<backend>-tfdata_...csv`).
 
 A rerun on the same machine and backend gives the same traces up to float
 round-off (the seed fixes the subset, the shuffling and the initial weights);
@@ -80,17 +86,24 @@ def clean_loss(y_true, y_pred):
     return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
 
 
-def record(loss, last, seed=0):
+def record(loss, last, seed=0, data="arrays"):
     """Trains one run; returns the monitor's steps (a dict of arrays)."""
     keras.utils.set_random_seed(seed)
     x, y = animal_mnist(STEPS * BATCH + last, seed)
+    if data == "tfdata":  # reshuffled every epoch, from a fixed seed
+        import tensorflow as tf
+
+        x = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
+            len(x), seed=seed, reshuffle_each_iteration=True).batch(BATCH)
+        y = None
     model = cnn()
     model.compile(keras.optimizers.Adam(3e-3), {"buggy": buggy_loss, "clean": clean_loss}[loss])
     decay = keras.callbacks.LearningRateScheduler(
         lambda epoch, rate: rate * 0.1 if epoch in (4, 8) else rate
     )
     monitor = keras_batchfix.SpikeMonitor()
-    model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, callbacks=[decay, monitor], verbose=0)
+    model.fit(x, y, batch_size=None if y is None else BATCH, epochs=EPOCHS,
+              callbacks=[decay, monitor], verbose=0)
     return monitor.steps
 
 
@@ -111,15 +124,20 @@ def main():
     parser.add_argument("--losses", default="buggy,clean")
     parser.add_argument("--last", default="56,20", help="short last batch sizes")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--data", choices=("arrays", "tfdata"), default="arrays",
+                        help="NumPy arrays to fit, or a tf.data pipeline reshuffled each epoch")
     args = parser.parse_args()
     backend = keras.backend.backend()
     os.makedirs(FOLDER, exist_ok=True)
     command = f"KERAS_BACKEND={backend} python benchmarks/record_spike_traces.py"
+    if args.data == "tfdata":
+        command += " --data tfdata"
+        backend += "-tfdata"
     runs = [(loss, int(last), int(seed)) for seed in args.seeds.split(",")
             for loss in args.losses.split(",") for last in args.last.split(",")]
     for loss, last, seed in runs:
         start = time.perf_counter()
-        steps = record(loss, last, seed)
+        steps = record(loss, last, seed, args.data)
         path = os.path.join(FOLDER, f"{backend}_{loss}_{last}_seed{seed}.csv")
         write(path, steps, command)
         print(f"{path}: {len(steps['loss'])} steps, {time.perf_counter() - start:.0f} s")
