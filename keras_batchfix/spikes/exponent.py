@@ -10,10 +10,14 @@ missing, the line through the two nearest groups on the other),
 
     beta_t = (y_t - level_t) / log(b_t / B)
 
-and the run's exponent is the 20%-trimmed mean of the `beta_t` with Yuen's
-95% t interval. The falling trend of the loss cancels between the two sides,
-a learning-rate decay is never straddled, and a spike in a neighbour (a
-median) or at a short batch (trimmed) barely moves it.
+(`y_t - level_t` corrected for the log of a mean of fewer samples reading
+low), and the run's exponent is the 20%-trimmed mean of the `beta_t` with
+Yuen's 95% t interval. The falling trend of the loss cancels in the line, a
+learning-rate decay is never straddled, and a spike in a neighbour (a
+median) or at a short batch (trimmed) barely moves it. When the batches
+repeat from epoch to epoch, a short batch's own samples shift every
+`beta_t` alike; the interval then includes that offset
+(`repeated_batch_offset`).
 
 A verdict is named only when the interval supports it:
 
