@@ -23,7 +23,7 @@ _API = {
     "Normalizer": "keras_batchfix.normalizers",
     "Model": "keras_batchfix.training.model",
     "NormalizerUpdates": "keras_batchfix.training.model",
-    "SpikeMonitor": "keras_batchfix.spike_monitor",
+    "SpikeMonitor": "keras_batchfix.spikes.monitor",
     "SSDMultiboxLoss": "keras_batchfix.ssd.loss",
 }
 

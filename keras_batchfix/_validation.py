@@ -4,7 +4,7 @@
 `int` or `float` or a NumPy real scalar (`np.float32(0.9)`, `np.int64(3)`),
 never a `bool` or a string; it must be finite. Each check returns the value
 as a plain `float` or `int`. Also the losses' `sample_weight` length check.
-NumPy only, no Keras: `spike_analysis` loads this module by its path.
+NumPy only, no Keras: `spikes/analysis.py` loads this module by its path.
 """
 
 import math

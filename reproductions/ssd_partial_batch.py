@@ -175,7 +175,7 @@ def main(argv=None):
                                   variant, log)
         steps += ssd.step_rows(variant, rows, plan, B, n_pos, buggy=False)
 
-    # 5. The spikes, by keras_batchfix.spike_analysis.analyze on each run's
+    # 5. The spikes, by keras_batchfix.spikes.analysis.analyze on each run's
     # per-step loss: the batch-size exponent (-1: divided by B twice), the
     # flagged steps and their causes, and each short batch's spike ratio.
     spikes, summary, gap = ssd_statistics.summarize(steps, lrs)

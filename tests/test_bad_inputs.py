@@ -19,9 +19,10 @@ import pytest
 from keras import ops
 
 from keras_batchfix import CenterLoss, EMACount, SpikeMonitor, SSDMultiboxLoss
-from keras_batchfix import compensate, diagnose, spike_report
+from keras_batchfix import compensate, diagnose
 from keras_batchfix.__main__ import main as cli_main
-from keras_batchfix.spike_analysis import DetectorConfig
+from keras_batchfix.spikes import report as spike_report
+from keras_batchfix.spikes.analysis import DetectorConfig
 
 BACKEND = keras.backend.backend()
 

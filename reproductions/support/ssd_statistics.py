@@ -1,7 +1,7 @@
 """The SSD reproduction's statistics, from the per-step rows of `ssd.step_rows`.
 
 Spikes are found by the package's own analysis
-(`keras_batchfix.spike_analysis.analyze`, what `SpikeMonitor` runs after
+(`keras_batchfix.spikes.analysis.analyze`, what `SpikeMonitor` runs after
 `fit`) on the loss each run's optimizer minimized:
 
 * spike ratio of a short batch: `exp(residual_t)`, the step's loss over its
@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from keras_batchfix.spike_analysis import analyze
+from keras_batchfix.spikes.analysis import analyze
 
 AFTER = 5  # steps after a short batch searched for a disturbance
 Z95 = 1.959964
@@ -137,7 +137,7 @@ def format_table(summary, gap, labels, learning_rates, clipnorm, header):
                      f"| {dist} | {s['final_loss']:.3f} |")
     lines += [
         "",
-        "Exponent, flagged steps and spike ratio: `keras_batchfix.spike_analysis.analyze` on the "
+        "Exponent, flagged steps and spike ratio: `keras_batchfix.spikes.analysis.analyze` on the "
         "loss each run minimized (spike ratio = the loss of a short batch over its local baseline). "
         f"Disturbance: over the {AFTER} steps after a short batch, the largest batch loss relative "
         "to (d) on the same images, over that relative loss just before the short batch, minus 1. "

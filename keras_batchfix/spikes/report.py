@@ -32,7 +32,7 @@ COLUMNS = (
 SCALARS = ("loss", "batch_size", "learning_rate", "grad_norm", "spike")
 
 
-def check_log_dir(log_dir):
+def check_log_dir(log_dir: str) -> None:
     """Creates `log_dir` if needed and checks that files can be written in it."""
     try:
         os.makedirs(log_dir, exist_ok=True)
@@ -45,13 +45,13 @@ def check_log_dir(log_dir):
         ) from error
 
 
-def require(tensorboard):
+def require(tensorboard: bool) -> None:
     """Imports what `tensorboard` needs now, with an error naming the extra."""
     if tensorboard:
         _tensorflow()
 
 
-def can_plot():
+def can_plot() -> bool:
     """Whether matplotlib (the `plots` extra) can be imported for `write_plot`."""
     try:
         _pyplot_figure()
@@ -96,16 +96,16 @@ def _plain(value):
     return value
 
 
-def rows(steps):
+def rows(steps: dict) -> list:
     """The steps as a list of dicts (one per step, keys `COLUMNS`)."""
     n = len(steps["loss"])
     return [{name: _plain(steps[name][t]) for name in COLUMNS} for t in range(n)]
 
 
-def summary(steps, report, log_dir=None):
+def summary(steps: dict, report, log_dir: "str | None" = None) -> str:
     """A few lines: steps, spikes by cause, short batches, the batch-size exponent.
 
-    `report` is the `spike_analysis.SpikeReport` of `steps`.
+    `report` is the `analysis.SpikeReport` of `steps`.
     """
     n = len(steps["loss"])
     spikes = np.nonzero(steps["spike"])[0]
@@ -158,7 +158,7 @@ def _steps_text(steps, indices):
     return _shown([int(steps["step"][t]) for t in indices])
 
 
-def write_csv(path, steps):
+def write_csv(path: str, steps: dict) -> str:
     """One row per step, columns `COLUMNS`. Returns `path`."""
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -167,7 +167,7 @@ def write_csv(path, steps):
     return path
 
 
-def write_plot(path, steps):
+def write_plot(path: str, steps: dict) -> str:
     """Loss with the spikes marked and their causes; batch size, LR (and grad norm) beneath."""
     figure_cls, canvas_cls = _pyplot_figure()
     x = steps["step"]
@@ -204,7 +204,7 @@ def write_plot(path, steps):
     return path
 
 
-def write_tensorboard(log_dir, steps):
+def write_tensorboard(log_dir: str, steps: dict) -> str:
     """Per-step scalars `spike_monitor/<column>` through `tf.summary.scalar`."""
     tf = _tensorflow()
     writer = tf.summary.create_file_writer(log_dir)

@@ -26,21 +26,21 @@ Two detectors, each measured against the other in the benchmark:
   `(half_window + 1) // 2` steps: the first steps of a run are not scored,
   and at its end the left side's trend is extrapolated.
 
-* `batch_size_exponent`, a direct test of the cause: the regression of the
-  detrended log-loss on the log batch size, over all steps of the run,
+* `batch_size_exponent` (`keras_batchfix.spikes.exponent`), a direct test
+  of the cause: each short batch against the full batches around it,
 
-      residual_t = beta * log(b_t / B) + noise.
+      beta_t = (y_t - level_t) / log(b_t / B),
 
-  The loss scales as `B**beta`: `beta = 0` for a loss that does not depend
-  on the batch size, `-1` for one divided by the batch size twice (the short
-  batch of `b` spikes by `B / b`), `+1` for an unnormalized sum. No single
-  spike need be large: 12 short batches of a 1.5x spike in 10% noise give
-  `beta` to +-0.14 (95% CI). It counts when `|beta| > exponent_z * stderr` and
-  `|beta| >= min_exponent`.
+  pooled over the run's short batches (a trimmed mean with a 95% t
+  interval). The loss scales as `B**beta`: `beta = 0` for a loss that does
+  not depend on the batch size, `-1` for one divided by the batch size twice
+  (the short batch of `b` reads `B / b` times high), `+1` for an unnormalized
+  sum. A verdict is named only when the interval supports it, otherwise it
+  is `"inconclusive"`.
 
 `analyze` runs both, flags a step when the local detector does or when it is
-a short batch that a significant negative exponent inflates by `min_ratio`
-or more, and names causes with `attribute`.
+a short batch that the named exponent inflates by `min_ratio` or more, and
+names causes with `attribute`.
 
 Example:
 
@@ -66,9 +66,10 @@ def _load_validation():
     """`keras_batchfix._validation`, loaded by its path, not through the package.
 
     This module imports no Keras: `benchmarks/spike_detection.py` loads it
-    by path alone, and so it loads its sibling.
+    by path alone, and so it loads the package's `_validation.py`.
     """
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_validation.py")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(package, "_validation.py")
     spec = importlib.util.spec_from_file_location("keras_batchfix_validation", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -77,8 +78,11 @@ def _load_validation():
 
 _validation = _load_validation()
 
-#: z of a two-sided 95% confidence interval.
-Z95 = 1.959964
+from .exponent import BatchSizeExponent  # noqa: E402  (after the loader above)
+from .exponent import batch_size_exponent as _batch_size_exponent  # noqa: E402
+from .exponent import exponent_spikes as _exponent_spikes  # noqa: E402
+from .exponent import usual_batch_size  # noqa: E402
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,13 +96,14 @@ class DetectorConfig:
         scale_window: steps on each side over which the scale is estimated.
         min_scale: floor of the scale, in log units (0.02: 2%), so that a
             nearly noiseless loss does not turn rounding into spikes.
-        exponent_z: `|beta| / stderr` above which the batch-size exponent
-            counts as significant.
-        min_exponent: a significant exponent smaller than this in magnitude
-            counts as no batch-size effect (which samples the short batch
-            holds can move `beta` by about 0.2).
-        min_ratio: a significant exponent flags the short batches it inflates
-            by at least this factor (`(B / b) ** -beta >= min_ratio`).
+        neighbours: full batches on each side of a short batch for its
+            local level (`batch_size_exponent`).
+        trim: fraction of the short batches' `beta_t` cut from each end
+            before averaging.
+        invariant_width: the exponent's 95% interval must lie within
+            +-this for the verdict `"invariant"`.
+        min_ratio: with the verdict `"inverse_batch_size"`, the short
+            batches that read at least this factor high (`B / b`) are spikes.
         lookback: steps back a short batch, a learning-rate change or a
             gradient-norm spike may explain a spike.
         lr_rtol: relative learning-rate change that counts as a change.
@@ -108,9 +113,10 @@ class DetectorConfig:
     half_window: int = 5
     scale_window: int = 20
     min_scale: float = 0.02
-    exponent_z: float = 4.0
-    min_exponent: float = 0.25
-    min_ratio: float = 1.2
+    neighbours: int = 5
+    trim: float = 0.2
+    invariant_width: float = 0.5
+    min_ratio: float = 1.1
     lookback: int = 2
     lr_rtol: float = 0.05
 
@@ -120,12 +126,12 @@ class DetectorConfig:
         checks = (
             ("threshold", 0, False), ("half_window", 1, True),
             ("scale_window", 1, True), ("min_scale", 0, False),
-            ("exponent_z", 0, False), ("min_exponent", 0, True),
+            ("neighbours", 1, True), ("invariant_width", 0, False),
             ("min_ratio", 1, True), ("lookback", 0, True), ("lr_rtol", 0, True),
         )
         for name, low, inclusive in checks:
             value = getattr(self, name)
-            if name in ("half_window", "scale_window", "lookback"):
+            if name in ("half_window", "scale_window", "lookback", "neighbours"):
                 value = _validation.integer(name, value, low)
             else:
                 value = _validation.real(
@@ -133,6 +139,9 @@ class DetectorConfig:
                     (lambda v: v >= low) if inclusive else (lambda v: v > low),
                 )
             object.__setattr__(self, name, value)  # (the dataclass is frozen)
+        trim = _validation.real("trim", self.trim, "a number in [0, 0.5)",
+                                lambda v: 0 <= v < 0.5)
+        object.__setattr__(self, "trim", trim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,56 +156,6 @@ class LocalScores:
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchSizeExponent:
-    """The loss's batch-size exponent in a run: `loss ~ B ** value`.
-
-    Attributes:
-        value: the fitted exponent `beta` (NaN with fewer than two sizes).
-        stderr: its standard error (heteroscedasticity-robust, HC1).
-        steps: steps in the fit; `sizes`: distinct batch sizes among them.
-        significant: `|value| > exponent_z * stderr` and
-            `|value| >= min_exponent`.
-    """
-
-    value: float
-    stderr: float
-    steps: int
-    sizes: int
-    significant: bool
-
-    @property
-    def verdict(self):
-        """`"inverse_batch_size"`, `"batch_size"`, `"invariant"`, `"other"` or `"unknown"`."""
-        if not math.isfinite(self.value):
-            return "unknown"
-        if not self.significant:
-            return "invariant"
-        for target, name in ((-1.0, "inverse_batch_size"), (1.0, "batch_size")):
-            if abs(self.value - target) <= max(0.25, Z95 * self.stderr):
-                return name
-        return "other"
-
-    def message(self):
-        """One sentence, e.g. "... B^-1.00 ± 0.05: divided by the batch size twice ..."."""
-        if self.verdict == "unknown":
-            return "the batch size never changed in this run: its effect on the loss is unknown"
-        scaling = (
-            f"in this run your loss scales as B^{self.value:+.2f} ± "
-            f"{Z95 * self.stderr:.2f} (95% CI, {self.steps} steps, {self.sizes} batch sizes)"
-        )
-        advice = {
-            "inverse_batch_size": "it is divided by the batch size twice; wrap it in "
-            "keras_batchfix.compensate",
-            "batch_size": "it is summed over the batch; return per-sample values or "
-            "divide by the batch size",
-            "invariant": "it does not depend on the batch size",
-            "other": "it depends on the batch size (or the short batches hold other "
-            "samples than the rest); check it with keras_batchfix.diagnose",
-        }[self.verdict]
-        return f"{scaling}: {advice}"
-
-
-@dataclasses.dataclass(frozen=True)
 class SpikeReport:
     """Output of `analyze`: per-step arrays, the causes, and the exponent."""
 
@@ -205,20 +164,6 @@ class SpikeReport:
     causes: list
     exponent: BatchSizeExponent
     usual_batch_size: float
-
-
-def usual_batch_size(batch_sizes):
-    """The most common batch size (the largest of equally common ones).
-
-    >>> usual_batch_size([16, 16, 4, 16, 16, 4])
-    16.0
-    """
-    sizes = np.asarray(batch_sizes, dtype="float64")
-    sizes = sizes[np.isfinite(sizes)]
-    if sizes.size == 0:
-        return float("nan")
-    values, counts = np.unique(sizes, return_counts=True)
-    return float(values[counts == counts.max()].max())
 
 
 def _window_median(values, start, stop, min_count=1):
@@ -235,7 +180,8 @@ def _window_median(values, start, stop, min_count=1):
     return np.where(np.sum(np.isfinite(windows), axis=1) >= min_count, median, np.nan)
 
 
-def local_scores(losses, config=DetectorConfig(), batch_sizes=None):
+def local_scores(losses, config: DetectorConfig = DetectorConfig(),
+                 batch_sizes=None) -> LocalScores:
     """Scores every step against a two-sided local baseline (module docstring).
 
     With `batch_sizes`, the scale of a batch of `b_t < B` samples is
@@ -285,68 +231,31 @@ def local_scores(losses, config=DetectorConfig(), batch_sizes=None):
     return LocalScores(residual, excess, scale, score, spikes)
 
 
-def batch_size_exponent(losses, batch_sizes, config=DetectorConfig()):
-    """The batch-size exponent `beta` of a run: `loss ~ B ** beta`.
+def batch_size_exponent(losses, batch_sizes, learning_rates=None,
+                        config: DetectorConfig = DetectorConfig()) -> BatchSizeExponent:
+    """The run's batch-size exponent with `config`'s settings.
 
-    Regresses the detrended log-loss (`residual_t` of `local_scores`) on
-    `log(b_t / B)` by least squares with an intercept:
-
-        beta = sum((x_t - xbar) * r_t) / sum((x_t - xbar) ** 2)
-
-    with the HC1 standard error
-    `sqrt(n / (n - 2) * sum((x_t - xbar)**2 * e_t**2)) / sum((x_t - xbar)**2)`,
-    `e_t` the fit's residuals (short batches are noisier than full ones).
-
-    Example:
+    `keras_batchfix.spikes.exponent.batch_size_exponent` with `neighbours`,
+    `trim` and `invariant_width` from `config`.
 
     >>> losses = np.ones(70); losses[6::7] = 4.0
     >>> sizes = np.full(70, 16.0); sizes[6::7] = 4.0
-    >>> round(batch_size_exponent(losses, sizes).value, 3)
-    -1.0
+    >>> batch_size_exponent(losses, sizes).verdict
+    'inverse_batch_size'
     """
-    losses = np.asarray(losses, dtype="float64")
-    sizes = np.asarray(batch_sizes, dtype="float64")
-    if losses.shape != sizes.shape:
-        raise ValueError(
-            "Arguments `losses` and `batch_sizes` must have the same shape; "
-            f"received {losses.shape} and {sizes.shape}."
-        )
-    residual = local_scores(losses, config).residual
-    usual = usual_batch_size(sizes)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x = np.log(sizes / usual)
-    keep = np.isfinite(x) & np.isfinite(residual)
-    x, r = x[keep], residual[keep]
-    n, distinct = int(x.size), int(np.unique(x).size)
-    if n < 3 or distinct < 2:
-        return BatchSizeExponent(float("nan"), float("nan"), n, distinct, False)
-    dx = x - x.mean()
-    sxx = float(np.sum(dx**2))
-    beta = float(np.sum(dx * r) / sxx)
-    errors = r - r.mean() - beta * dx
-    stderr = math.sqrt(n / (n - 2) * float(np.sum(dx**2 * errors**2))) / sxx
-    stderr = max(stderr, 1e-12)
-    significant = abs(beta) > config.exponent_z * stderr and abs(beta) >= config.min_exponent
-    return BatchSizeExponent(beta, stderr, n, distinct, bool(significant))
+    return _batch_size_exponent(losses, batch_sizes, learning_rates, config.neighbours,
+                                config.trim, config.invariant_width)
 
 
-def exponent_spikes(batch_sizes, exponent, config=DetectorConfig()):
-    """Short batches that a significant negative exponent inflates.
+def exponent_spikes(batch_sizes, exponent: BatchSizeExponent,
+                    config: DetectorConfig = DetectorConfig()) -> np.ndarray:
+    """Short batches the named exponent inflates by `config.min_ratio` or more.
 
-    Step `t` is flagged when `(B / b_t) ** -beta >= min_ratio`, `beta` the
-    run's exponent, only if it is significant and negative.
-
-    >>> exp = BatchSizeExponent(-1.0, 0.05, 70, 2, True)
+    >>> exp = BatchSizeExponent(-1.0, 0.05, -1.1, -0.9, 12)
     >>> exponent_spikes([16, 16, 4], exp).tolist()
     [False, False, True]
     """
-    sizes = np.asarray(batch_sizes, dtype="float64")
-    if not (exponent.significant and exponent.value < 0):
-        return np.zeros(sizes.shape, dtype=bool)
-    usual = usual_batch_size(sizes)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inflation = (usual / sizes) ** -exponent.value
-    return np.nan_to_num(inflation, nan=0.0) >= config.min_ratio
+    return _exponent_spikes(batch_sizes, exponent, config.min_ratio)
 
 
 def _changed(values, rtol):
@@ -360,7 +269,8 @@ def _changed(values, rtol):
     return changed
 
 
-def attribute(spikes, batch_sizes, learning_rates, grad_norms=None, config=DetectorConfig()):
+def attribute(spikes, batch_sizes, learning_rates, grad_norms=None,
+              config: DetectorConfig = DetectorConfig()) -> list:
     """Names the visible cause of each spike.
 
     * `"short_batch"`: the step's batch is smaller than the usual one;
@@ -407,17 +317,18 @@ def attribute(spikes, batch_sizes, learning_rates, grad_norms=None, config=Detec
     return causes
 
 
-def analyze(losses, batch_sizes, learning_rates, grad_norms=None, config=DetectorConfig()):
+def analyze(losses, batch_sizes, learning_rates, grad_norms=None,
+            config: DetectorConfig = DetectorConfig()) -> SpikeReport:
     """Spikes of a run, their causes and the batch-size exponent.
 
     `spikes = local_scores(...).spikes | exponent_spikes(...)`: a step is a
     spike when it stands out locally, or when it is a short batch that the
-    run's significant batch-size exponent inflates (see the module
-    docstring). Returns a `SpikeReport`.
+    run's batch-size exponent, named by its interval, inflates (see the
+    module docstring). Returns a `SpikeReport`.
     """
     losses = np.asarray(losses, dtype="float64")
     scores = local_scores(losses, config, batch_sizes)
-    exponent = batch_size_exponent(losses, batch_sizes, config)
+    exponent = batch_size_exponent(losses, batch_sizes, learning_rates, config)
     spikes = scores.spikes | exponent_spikes(batch_sizes, exponent, config)
     causes = attribute(spikes, batch_sizes, learning_rates, grad_norms, config)
     return SpikeReport(scores, spikes, causes, exponent, usual_batch_size(batch_sizes))

@@ -6,11 +6,11 @@ import warnings
 import keras
 import numpy as np
 
-from keras_batchfix import spike_analysis
-from keras_batchfix import spike_report
+from keras_batchfix.spikes import analysis as spike_analysis
+from keras_batchfix.spikes import report as spike_report
 from keras_batchfix._keras_compat import print_msg
-from keras_batchfix.spike_recording import ROW_COLUMNS
-from keras_batchfix.spike_recording import LogsRecorder
+from keras_batchfix.spikes.recording import ROW_COLUMNS
+from keras_batchfix.spikes.recording import LogsRecorder
 
 
 class SpikeMonitor(keras.callbacks.Callback):
@@ -19,19 +19,22 @@ class SpikeMonitor(keras.callbacks.Callback):
     Keras's `logs["loss"]` is the epoch's running mean, which hides a
     one-step spike. For every step of `fit` the monitor records the loss of
     that batch, its batch size, the learning rate and, if the logs carry one,
-    the gradient norm (`keras_batchfix.spike_recording`: public API only,
+    the gradient norm (`keras_batchfix.spikes.recording`: public API only,
     nothing on the model is changed). At the end of `fit` it flags spikes
-    and names their causes (`keras_batchfix.spike_analysis`): with
+    and names their causes (`keras_batchfix.spikes.analysis`): with
     `y_t = log(loss_t)`, step `t` is a spike when
 
         (y_t - (median(y_{t-h..t-1}) + median(y_{t+1..t+h})) / 2) / scale_t > threshold
 
     and it is above both medians (the scale is the robust spread of that
-    residual around `t`), or when it is a short batch that the run's
-    batch-size exponent (`loss ~ B**beta`, a regression over all steps)
-    significantly inflates. Causes: `"short_batch"`, `"after_short_batch"`,
-    `"lr_change"`, `"grad_norm"`, `"unknown"`. It prints a summary (with the
-    exponent, e.g. "B^-1.00 ± 0.05: divided by the batch size twice") and
+    residual around `t`), or when it is a short batch and the run's
+    batch-size exponent (`loss ~ B**beta`, each short batch against its
+    neighbouring full ones, pooled over epochs with a 95% interval) is named
+    -1. A verdict is named only when the interval supports it, otherwise
+    "inconclusive" with what would settle it. Causes: `"short_batch"`,
+    `"after_short_batch"`, `"lr_change"`, `"grad_norm"`, `"unknown"`. It
+    prints a summary (with the exponent, e.g. "B^-1.00 ± 0.05: divided by
+    the batch size twice") and
     writes into `log_dir`: `steps.csv`, `steps.png` (needs matplotlib, the
     `plots` extra) and, with `tensorboard=True`, scalars under
     `log_dir/tensorboard` (through `tf.summary`; needs TensorFlow). See
@@ -45,14 +48,14 @@ class SpikeMonitor(keras.callbacks.Callback):
             everything else and warns.
         tensorboard: write TensorBoard scalars (when `log_dir` is set).
         verbose: 1 prints the summary at the end of `fit`, 0 is silent.
-        recorder: a `spike_recording.StepRecorder`; default `LogsRecorder()`.
-        **detector: fields of `spike_analysis.DetectorConfig` (`threshold`,
-            `half_window`, `exponent_z`, `lookback`, `lr_rtol`, ...).
+        recorder: a `keras_batchfix.spikes.recording.StepRecorder`; default `LogsRecorder()`.
+        **detector: fields of `keras_batchfix.spikes.analysis.DetectorConfig` (`threshold`,
+            `half_window`, `neighbours`, `lookback`, `lr_rtol`, ...).
 
     Attributes (after `fit`, or `analyze()` after an interrupted one):
-        steps: dict of NumPy arrays, one per column of `spike_report.COLUMNS`.
+        steps: dict of NumPy arrays, one per column of `keras_batchfix.spikes.report.COLUMNS`.
         spikes: list of dicts, one per spike, with the same keys.
-        report: the `spike_analysis.SpikeReport` (`report.exponent`, ...).
+        report: the `keras_batchfix.spikes.analysis.SpikeReport` (`report.exponent`, ...).
 
     Example:
 
@@ -63,8 +66,8 @@ class SpikeMonitor(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, log_dir=None, plot=None, tensorboard=False, verbose=1, recorder=None,
-                 **detector):
+    def __init__(self, log_dir: "str | os.PathLike | None" = None, plot: "bool | None" = None,
+                 tensorboard: bool = False, verbose: int = 1, recorder=None, **detector):
         super().__init__()
         if verbose not in (0, 1):
             raise ValueError(
@@ -144,7 +147,7 @@ class SpikeMonitor(keras.callbacks.Callback):
             )
         return False
 
-    def analyze(self):
+    def analyze(self) -> list:
         """Flags and attributes the spikes of the epochs recorded so far.
 
         `fit` calls it at its end; after an interrupted `fit` (Keras then
