@@ -1,9 +1,11 @@
 """Starts test processes on 127.0.0.1, waits for them within a bound, reads results.
 
-Used by tests/test_torch_ddp.py and tests/test_jax_multi_process.py: each
-process prints one line `RESULT <json of name -> list of weights>`.
+The one launcher of the tests that start processes (multi-worker
+TensorFlow, torch DDP, multi-process JAX): each process prints one line
+`RESULT <json of name -> list of weights>`.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -17,43 +19,67 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def free_loopback_ports(count):
+    """`count` distinct free TCP ports on 127.0.0.1."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_loopback_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_loopback_ports(1)[0]
 
 
-def run_all(module, runs, env, timeout_s):
-    """Runs `python -m module *args` for each `(args, log_path)` of `runs`.
+@contextlib.contextmanager
+def started(module, runs, env, timeout_s):
+    """Starts `python -m module *args` for each run; yields `wait`; kills at exit.
 
-    Fails at the first process that exits with an error or at the deadline;
-    kills whatever still runs when it returns.
+    A run is `(args, log_path)` or `(args, log_path, env of its own)`.
+    `wait()` returns when every process exited with 0, and fails at the first
+    error or at `timeout_s` after the start (a process whose peer died would
+    otherwise wait for it until then).
     """
-    env = dict(os.environ, PYTHONPATH=ROOT, **env)
     processes = []
     deadline = time.monotonic() + timeout_s
-    try:
-        for args, log_path in runs:
-            with open(log_path, "w") as log:
-                processes.append(subprocess.Popen(
-                    [sys.executable, "-m", module, *args],
-                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                ))
+
+    def wait():
         while True:
             codes = [p.poll() for p in processes]
-            for code, (_, log_path) in zip(codes, runs):
+            for code, run in zip(codes, runs):
                 if code not in (None, 0):
-                    pytest.fail(f"{log_path.name} failed:\n{log_path.read_text()[-3000:]}")
+                    pytest.fail(f"{run[1].name} failed:\n{run[1].read_text()[-3000:]}")
             if None not in codes:
                 return
             if time.monotonic() > deadline:
-                pytest.fail(f"{module} processes timed out after {timeout_s} s")
+                logs = "\n".join(run[1].read_text()[-1500:] for run in runs)
+                pytest.fail(f"{module} processes timed out after {timeout_s} s:\n{logs}")
             time.sleep(0.2)
+
+    try:
+        for args, log_path, *own in runs:
+            process_env = dict(os.environ, PYTHONPATH=ROOT, **env, **(own[0] if own else {}))
+            with open(log_path, "w") as log:
+                processes.append(subprocess.Popen(
+                    [sys.executable, "-m", module, *args],
+                    cwd=ROOT, env=process_env, stdout=log, stderr=subprocess.STDOUT,
+                ))
+        yield wait
     finally:
         for p in processes:
             if p.poll() is None:
                 p.kill()
             p.wait()
+
+
+def run_all(module, runs, env, timeout_s):
+    """`started(...)`, waited for."""
+    with started(module, runs, env, timeout_s) as wait:
+        wait()
 
 
 def printed_weights(log_path):
