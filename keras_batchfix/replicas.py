@@ -73,10 +73,18 @@ class ReplicaSimulation:
 
     _active = []  # the simulations entered, innermost last
 
-    def __init__(self, num_replicas: int):
+    def __init__(self, num_replicas: int, compile=None):
+        """`compile(function)`: a compiled form of a function (default: itself).
+
+        `keras_batchfix.kernels.jit` compiles the two passes with `jax.jit`
+        on JAX: the recorded values are outputs of the first, the sums
+        arguments of the second.
+        """
         self.num_replicas = int(num_replicas)
         #: The `global_sum` calls each replica made in the last `replica_losses`.
         self.all_reduces = 0
+        self._compile = compile or (lambda function: function)
+        self._passes = {}  # loss_of -> (record, replay)
         self._recording = None  # a list while recording
         self._replaying = None  # an iterator of the sums while replaying
         self._scales = []
@@ -113,8 +121,29 @@ class ReplicaSimulation:
                 lambda t, v: ops.convert_to_tensor(t, dtype=v.dtype), total, value
             )
         if self._recording is not None:
-            self._recording.append(keras.tree.map_structure(ops.convert_to_numpy, value))
+            self._recording.append(value)
         return value
+
+    def _passes_of(self, loss_of):
+        """`(record, replay)`: `loss_of` recording, and replaying `totals`."""
+        if loss_of not in self._passes:
+
+            def record(*part):
+                self._recording = []
+                try:
+                    return loss_of(*part), self._recording
+                finally:
+                    self._recording = None
+
+            def replay(totals, *part):
+                self._replaying = iter(totals)
+                try:
+                    return loss_of(*part)
+                finally:
+                    self._replaying = None
+
+            self._passes[loss_of] = self._compile(record), self._compile(replay)
+        return self._passes[loss_of]
 
     def replica_losses(self, loss_of, parts):
         """`[float(loss_of(*part)) for part in parts]`, all-reduces summed over the parts.
@@ -123,16 +152,19 @@ class ReplicaSimulation:
         """
         from keras import ops
 
+        def number(value):
+            return float(ops.convert_to_numpy(value))
+
         if self.active() is not self:
             raise RuntimeError("`replica_losses` must run inside `with simulation:`.")
+        record, replay = self._passes_of(loss_of)
         recorded, losses = [], []
         for part in parts:
-            self._recording = []
-            try:
-                losses.append(float(ops.convert_to_numpy(loss_of(*part))))
-            finally:
-                calls, self._recording = self._recording, None
-            recorded.append(calls)
+            loss, calls = record(*part)
+            losses.append(number(loss))
+            recorded.append(
+                [keras.tree.map_structure(ops.convert_to_numpy, call) for call in calls]
+            )
         if len({len(calls) for calls in recorded}) != 1:
             raise ValueError(
                 "The simulated replicas made different numbers of all-reduces "
@@ -146,14 +178,7 @@ class ReplicaSimulation:
             keras.tree.map_structure(lambda *values: sum(values), *step)
             for step in zip(*recorded)
         ]
-        losses = []
-        for part in parts:
-            self._replaying = iter(totals)
-            try:
-                losses.append(float(ops.convert_to_numpy(loss_of(*part))))
-            finally:
-                self._replaying = None
-        return losses
+        return [number(replay(totals, *part)) for part in parts]
 
 
 def _torch_process_group():

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_batchfix import _validation, normalizers, replicas
+from keras_batchfix import _validation, kernels, normalizers, replicas
 from keras_batchfix._keras_compat import print_msg
 from keras_batchfix.diagnostics import arguments, loss_probe, split_weights
 from keras_batchfix.diagnostics.verdicts import (
@@ -289,7 +289,7 @@ def diagnose(
     # ordered by their count (fewest on replica 0).
     probe = loss_probe.LossProbe(fast, y_true, y_pred, sample_weight, rank=len(raw_shape))
     order = probe.count_order()
-    simulation = replicas.ReplicaSimulation(num_replicas)
+    simulation = replicas.ReplicaSimulation(num_replicas, compile=kernels.jit)
     distributed = loss_probe.replica_objective(compiled, simulation)
     replica_ratio = loss_probe.replica_ratio_same(
         fast, distributed, y_true, y_pred, sample_weight, num_replicas

@@ -139,7 +139,7 @@ def replica_objective(compiled, simulation):
     """`parts -> sum over the replicas of what each optimizes`, `parts` one per replica.
 
     Each part is a replica's `(y_true, y_pred, sample_weight)`; the replicas
-    run in `simulation` (eagerly: a trace would not record the all-reduces).
+    run in `simulation`.
     """
 
     def distributed(parts):
