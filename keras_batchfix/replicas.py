@@ -55,9 +55,9 @@ class ReplicaSimulation:
        the sum over the replicas of their `k`-th recorded value, as a real
        all-reduce would.
 
-    A replica's loss must make the same all-reduces in both passes (it
-    does unless it depends on values computed from the sums' difference).
-    The second pass is skipped when nothing was all-reduced.
+    Every replica must make the same number of all-reduces, in the same
+    order (a `ValueError` otherwise). The second pass is skipped when
+    nothing was all-reduced.
 
     Example:
 
