@@ -13,8 +13,8 @@ _API = {
     "match_anchors": "keras_batchfix.ssd.box_matching",
     "CenterLoss": "keras_batchfix.center_loss",
     "compensate": "keras_batchfix.normalized_loss",
-    "diagnose": "keras_batchfix.diagnose",
-    "diagnose_model": "keras_batchfix.diagnose_model",
+    "diagnose": "keras_batchfix.diagnostics.loss_check",
+    "diagnose_model": "keras_batchfix.diagnostics.model_check",
     "NormalizedLoss": "keras_batchfix.normalized_loss",
     "count_weight": "keras_batchfix.normalized_loss",
     "EMACount": "keras_batchfix.normalizers",
@@ -32,11 +32,8 @@ __all__ = [*_API, "__version__"]
 
 def _load_api():
     """Imports the public API (and with it Keras and its backend)."""
-    modules = {name: importlib.import_module(module) for name, module in _API.items()}
-    # Bound after all imports: importing `keras_batchfix.diagnose` (the module)
-    # sets the package attribute `diagnose`, which the function must replace.
-    for name, module in modules.items():
-        globals()[name] = getattr(module, name)
+    for name, module in _API.items():
+        globals()[name] = getattr(importlib.import_module(module), name)
 
 
 def __getattr__(name):

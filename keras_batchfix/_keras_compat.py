@@ -59,8 +59,9 @@ def keras_replica_scale(num_replicas):
     """Makes Keras's losses scale as on `num_replicas` `tf.distribute` replicas.
 
     Keras multiplies mean-reduced losses by `1 / num_replicas` through
-    `keras.src.losses.loss.scale_loss_for_distribution`; for `diagnose`,
-    which evaluates the replicas one after another on one device.
+    `keras.src.losses.loss.scale_loss_for_distribution`; for
+    `keras_batchfix.replicas.ReplicaSimulation`, which evaluates the
+    replicas one after another on one device.
     """
     def scale(value):
         from keras import ops
@@ -75,23 +76,25 @@ def keras_replica_scale(num_replicas):
         _loss_module.scale_loss_for_distribution = original
 
 
-class ReplicaThreadLosses:
-    """Layer mixin: each `MirroredStrategy` replica thread reads its own `add_loss`.
+class ThreadOwnedLosses:
+    """Layer mixin: each thread reads only the `add_loss` values it added.
 
     `MirroredStrategy` runs the replicas of one step in threads that share a
-    layer's `add_loss` list, switching threads at every all-reduce. A loss
-    that all-reduces after the forward pass (`GlobalCount` in a compiled
-    loss) lets replica 1 add its value before replica 0 reads the list, so
-    replica 0 would log both. Keras reads the list through the private
-    `Layer._get_own_losses`, the only place to filter it.
+    layer's `add_loss` list. While the subclass's `_threads_share_losses()`
+    returns True, each value is tagged with the thread that added it, and
+    Keras's read of the list (the private `Layer._get_own_losses`, the only
+    place to filter it) keeps the calling thread's values.
+    `keras_batchfix.replicas.ReplicaThreadLosses` says when.
     """
+
+    @staticmethod
+    def _threads_share_losses():
+        return False
 
     def add_loss(self, loss):
         import threading
 
-        from keras_batchfix import replicas
-
-        if replicas.in_replica_step():  # a traced step: a few entries per trace
+        if self._threads_share_losses():  # a traced step: a few entries per trace
             owners = self.__dict__.setdefault("_loss_owner_threads", {})
             for value in loss if isinstance(loss, (list, tuple)) else [loss]:
                 owners[id(value)] = threading.get_ident()
@@ -100,10 +103,8 @@ class ReplicaThreadLosses:
     def _get_own_losses(self):
         import threading
 
-        from keras_batchfix import replicas
-
         losses = super()._get_own_losses()
-        if not replicas.in_replica_step():
+        if not self._threads_share_losses():
             return losses
         owners = self.__dict__.get("_loss_owner_threads", {})
         thread = threading.get_ident()

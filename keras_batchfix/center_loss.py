@@ -12,7 +12,6 @@ import keras
 from keras import ops
 
 from keras_batchfix import _validation, kernels, normalizers, replicas
-from keras_batchfix._keras_compat import ReplicaThreadLosses
 
 
 def _report_initializer():
@@ -28,7 +27,7 @@ def _report_initializer():
 
 
 @keras.saving.register_keras_serializable(package="keras_batchfix")
-class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
+class CenterLoss(replicas.ReplicaThreadLosses, keras.layers.Layer):
     """Center loss layer: adds `loss_weight * L_C` and returns the features.
 
     For a batch of `B` features `x_i` (shape `(B, D)`) with integer labels

@@ -375,3 +375,28 @@ def _torch_tensor(x):
     import torch
 
     return x if isinstance(x, torch.Tensor) else ops.convert_to_tensor(x)
+
+
+def jit(function):
+    """`function` compiled with `jax.jit` on JAX, else `function` itself.
+
+    JAX compiles every op for every new shape when run eagerly; one trace
+    per shape is much faster. A function that cannot be traced (it converts
+    a traced value to NumPy) runs eagerly from its first such failure on.
+    """
+    if _backend() != "jax":
+        return function
+    import jax
+
+    jitted = jax.jit(function)
+    state = {"eager": False}
+
+    def call(*args):
+        if not state["eager"]:
+            try:
+                return jitted(*args)
+            except jax.errors.JAXTypeError:
+                state["eager"] = True
+        return function(*args)
+
+    return call

@@ -74,11 +74,11 @@ class NormalizedLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         """Unweighted values whose sum is the loss: `numerator / divisor`."""
         numerator, count = self.numerator_and_count(y_true, y_pred)
-        numerator = _as_values(self, "numerator", numerator, self.dtype)
+        numerator = as_values(self, "numerator", numerator, self.dtype)
         if count is None:  # normalized already
             divisor, divisor_is_global = 1.0, False
         else:
-            count = _as_values(self, "count", count, "float32")
+            count = as_values(self, "count", count, "float32")
             if len(count.shape) != 0:
                 raise ValueError(
                     f"The count of loss {self.name!r} must be a scalar; it "
@@ -118,7 +118,7 @@ class NormalizedLoss(keras.losses.Loss):
         return config
 
 
-def _as_values(loss, what, value, dtype):
+def as_values(loss, what, value, dtype):
     """`value` as a tensor of `dtype`; a named error if it is not numeric."""
     if value is None or isinstance(value, (str, bytes)):
         raise ValueError(

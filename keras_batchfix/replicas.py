@@ -24,42 +24,161 @@ A normalizer whose divisor is computed from the replica's own batch (a local
 count) gives the mean of the replicas' losses: its share is
 `numerator_r / (divisor_r * num_replicas)`.
 
+`ReplicaSimulation` runs the replicas one after another on one device (for
+`keras_batchfix.diagnose` and `diagnose_model`).
+
 Tested with Keras 3.12.0 and 3.15.1 (TensorFlow 2.21, JAX 0.10, torch 2.13).
 """
 
-import contextlib
-
 import keras
+
+from keras_batchfix import _keras_compat
 
 COMPILED = "compiled"  # returned from a compiled loss reduced with "sum"
 ADD_LOSS = "add_loss"  # passed to `Layer.add_loss`
 ROUTES = (COMPILED, ADD_LOSS)
 
-# Set by `simulated_replicas` (used by `keras_batchfix.diagnose`).
-_simulation = None
 
+class ReplicaSimulation:
+    """Runs data-parallel replicas one after another on one device.
 
-@contextlib.contextmanager
-def simulated_replicas(num_replicas, global_sum=None):
-    """Evaluates losses as one of `num_replicas` `tf.distribute` replicas.
+    Inside `with simulation:` the package sees `num_replicas` replicas:
+    `num_replicas()` returns it, Keras scales mean-reduced losses by
+    `1 / num_replicas` as under `tf.distribute`, and every `global_sum` is
+    answered by the simulation. `replica_losses(loss_of, parts)` evaluates
+    each replica's loss in two passes:
 
-    Inside the context `num_replicas()` returns `num_replicas`,
-    `global_sum(value)` returns `global_sum(value)` of the argument (default:
-    `value` itself), and Keras scales mean-reduced losses by
-    `1 / num_replicas` as `tf.distribute` makes it, so a caller can evaluate
-    the replicas one after the other on one device. Not thread-safe; for
-    diagnostics.
+    1. record: each replica runs on its part; the values it all-reduces
+       (a global count, `CenterLoss`'s center statistics) are recorded and
+       returned unchanged;
+    2. replay: each replica runs again and its `k`-th all-reduce returns
+       the sum over the replicas of their `k`-th recorded value, as a real
+       all-reduce would.
+
+    Every replica must make the same number of all-reduces, in the same
+    order (a `ValueError` otherwise). The second pass is skipped when
+    nothing was all-reduced.
+
+    Example:
+
+    ```python
+    simulation = ReplicaSimulation(num_replicas=2)
+    with simulation:
+        losses = simulation.replica_losses(loss_of, [(y_true_0, y_pred_0), (y_true_1, y_pred_1)])
+    simulation.all_reduces  # global_sum calls of one replica
+    ```
+
+    Not thread-safe; for the diagnostics, which run on one thread.
     """
-    from keras_batchfix._keras_compat import keras_replica_scale
 
-    global _simulation
-    previous = _simulation
-    _simulation = (int(num_replicas), global_sum or (lambda value: value))
-    try:
-        with keras_replica_scale(num_replicas):
-            yield
-    finally:
-        _simulation = previous
+    _active = []  # the simulations entered, innermost last
+
+    def __init__(self, num_replicas: int, compile=None):
+        """`compile(function)`: a compiled form of a function (default: itself).
+
+        `keras_batchfix.kernels.jit` compiles the two passes with `jax.jit`
+        on JAX: the recorded values are outputs of the first, the sums
+        arguments of the second.
+        """
+        self.num_replicas = int(num_replicas)
+        #: The `global_sum` calls each replica made in the last `replica_losses`.
+        self.all_reduces = 0
+        self._compile = compile or (lambda function: function)
+        self._passes = {}  # loss_of -> (record, replay)
+        self._recording = None  # a list while recording
+        self._replaying = None  # an iterator of the sums while replaying
+        self._scales = []
+
+    def __enter__(self):
+        scale = _keras_compat.keras_replica_scale(self.num_replicas)
+        scale.__enter__()
+        self._scales.append(scale)
+        ReplicaSimulation._active.append(self)
+        return self
+
+    def __exit__(self, *exc_info):
+        ReplicaSimulation._active.remove(self)
+        self._scales.pop().__exit__(*exc_info)
+        return False
+
+    @classmethod
+    def active(cls):
+        """The innermost simulation entered, or None."""
+        return cls._active[-1] if cls._active else None
+
+    def global_sum(self, value):
+        """What `global_sum(value)` returns inside this simulation."""
+        from keras import ops
+
+        if self._replaying is not None:
+            total = next(self._replaying, None)
+            if total is None:
+                raise ValueError(
+                    "A simulated replica made more all-reduces when replayed "
+                    "than when recorded; the split cannot be simulated."
+                )
+            return keras.tree.map_structure(
+                lambda t, v: ops.convert_to_tensor(t, dtype=v.dtype), total, value
+            )
+        if self._recording is not None:
+            self._recording.append(value)
+        return value
+
+    def _passes_of(self, loss_of):
+        """`(record, replay)`: `loss_of` recording, and replaying `totals`."""
+        if loss_of not in self._passes:
+
+            def record(*part):
+                self._recording = []
+                try:
+                    return loss_of(*part), self._recording
+                finally:
+                    self._recording = None
+
+            def replay(totals, *part):
+                self._replaying = iter(totals)
+                try:
+                    return loss_of(*part)
+                finally:
+                    self._replaying = None
+
+            self._passes[loss_of] = self._compile(record), self._compile(replay)
+        return self._passes[loss_of]
+
+    def replica_losses(self, loss_of, parts):
+        """`[float(loss_of(*part)) for part in parts]`, all-reduces summed over the parts.
+
+        Each part is one replica's arguments. Must run inside `with self:`.
+        """
+        from keras import ops
+
+        def number(value):
+            return float(ops.convert_to_numpy(value))
+
+        if self.active() is not self:
+            raise RuntimeError("`replica_losses` must run inside `with simulation:`.")
+        record, replay = self._passes_of(loss_of)
+        recorded, losses = [], []
+        for part in parts:
+            loss, calls = record(*part)
+            losses.append(number(loss))
+            recorded.append(
+                [keras.tree.map_structure(ops.convert_to_numpy, call) for call in calls]
+            )
+        if len({len(calls) for calls in recorded}) != 1:
+            raise ValueError(
+                "The simulated replicas made different numbers of all-reduces "
+                f"({[len(calls) for calls in recorded]}); the split cannot be "
+                "simulated for this loss."
+            )
+        self.all_reduces = len(recorded[0])
+        if not self.all_reduces:
+            return losses
+        totals = [
+            keras.tree.map_structure(lambda *values: sum(values), *step)
+            for step in zip(*recorded)
+        ]
+        return [number(replay(totals, *part)) for part in parts]
 
 
 def _torch_process_group():
@@ -94,8 +213,9 @@ def num_replicas():
     `tf.distribute`'s `num_replicas_in_sync`, torch's world size when a
     process group is initialized, 1 otherwise (JAX included).
     """
-    if _simulation is not None:
-        return _simulation[0]
+    simulation = ReplicaSimulation.active()
+    if simulation is not None:
+        return simulation.num_replicas
     dist = _torch_process_group()
     if dist is not None:
         return dist.get_world_size()
@@ -108,7 +228,7 @@ def num_replicas():
 
 def in_replica_step():
     """Whether this code runs in one of 2+ `tf.distribute` replica threads."""
-    return _simulation is None and _tf_replica_context() is not None
+    return ReplicaSimulation.active() is None and _tf_replica_context() is not None
 
 
 def global_sum(value):
@@ -119,16 +239,17 @@ def global_sum(value):
     """
     from keras import ops
 
+    simulation = ReplicaSimulation.active()
     dist = _torch_process_group()
     context = None if dist is not None else _tf_replica_context()
-    if _simulation is None and dist is None and context is None:
+    if simulation is None and dist is None and context is None:
         return value  # one replica (Python numbers stay numbers)
     value = keras.tree.map_structure(
         lambda v: ops.convert_to_tensor(v, "float32") if isinstance(v, (int, float)) else v,
         value,
     )
-    if _simulation is not None:
-        return _simulation[1](value)
+    if simulation is not None:
+        return simulation.global_sum(value)
     if dist is not None:
         values = value if isinstance(value, (list, tuple)) else [value]
         totals = []
@@ -208,3 +329,18 @@ def to_keras(numerator, divisor, divisor_is_global, route):
         numerator = numerator * ops.cast(factor, numerator.dtype)
     return numerator / divisor
 
+
+class ReplicaThreadLosses(_keras_compat.ThreadOwnedLosses):
+    """Layer mixin: each `MirroredStrategy` replica thread reads its own `add_loss`.
+
+    `MirroredStrategy` runs the replicas of one step in threads that share a
+    layer's `add_loss` list, switching threads at every all-reduce. A loss
+    that all-reduces after the forward pass (`GlobalCount` in a compiled
+    loss) lets replica 1 add its value before replica 0 reads the list, so
+    replica 0 would log both. This keeps each thread to its own values
+    while 2+ replicas run.
+    """
+
+    @staticmethod
+    def _threads_share_losses():
+        return in_replica_step()

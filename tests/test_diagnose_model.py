@@ -76,7 +76,7 @@ def test_bad_input():
         keras_batchfix.diagnose_model(keras.Sequential([keras.layers.Dense(1)]), np.zeros((2, 1)))
 
 
-# ---------------------------------------- a masked token model (issue 26)
+# ---------------------------------------------------- a masked token model
 def token_model(loss, model_class=keras.Model, mask_zero=True, **compile_kwargs):
     """Embedding(mask_zero) + Dense over the vocabulary, as tests/test_accumulation.py."""
     keras.utils.set_random_seed(1)
@@ -107,7 +107,7 @@ def test_masked_token_model_is_not_exact_under_replicas_and_accumulation(tokens,
     model = token_model(
         keras.losses.SparseCategoricalCrossentropy(from_logits=True), model_class)
     result = keras_batchfix.diagnose_model(model, x, y)
-    assert result.verdict == "local_count" and not result.ok  # was "invariant"
+    assert result.verdict == "local_count" and not result.ok
     # On one device, and with the same samples on every replica, it is exact:
     assert abs(result.exponent) < 1e-3
     assert result.replica_factor == pytest.approx(1.0, rel=1e-5)

@@ -37,7 +37,7 @@ def gap(got, want):
 
 
 @pytest.mark.parametrize("fixed", [False, True], ids=["keras-hub", "fixed"])
-def test_diagnose_model_flags_the_replica_sum(fixed):
+def test_diagnose_model_flags_the_replica_scaling(fixed):
     x, y = boxes_batch(4)
     result = keras_batchfix.diagnose_model(compiled(fixed), x, y)
     assert abs(result.exponent) < 1e-3
@@ -54,7 +54,7 @@ def test_diagnose_model_flags_the_replica_sum(fixed):
         assert result.accumulation_factor > 1.2
         assert "compute_loss override" in result.advice
     else:
-        assert result.verdict == "replica_sum"
+        assert result.verdict == "replica_scaling" and result.fix == "global_count"
         assert result.replica_factor == pytest.approx(2.0, rel=1e-4)
         assert "count_weight" in str(result)
 

@@ -55,7 +55,6 @@ Example:
 
 import dataclasses
 import importlib.util
-import math
 import os
 import warnings
 

@@ -125,7 +125,8 @@ def _record_loss(model, groups, numerators, scales, size):
     _keras_compat.loss_tracker(model).update_state(value, sample_weight=size)
 
 
-def _add(total, value):
+def add(total, value):
+    """`total + value`, where a `total` of None is nothing yet."""
     return value if total is None else total + value
 
 
@@ -152,9 +153,9 @@ def _tensorflow_train_step(model, data):
             sums[key] = gradients if key not in sums else [
                 _tf_add(a, b) for a, b in zip(sums[key], gradients)
             ]
-            numerators[key] = _add(numerators.get(key), tf.stop_gradient(group.numerator))
+            numerators[key] = add(numerators.get(key), tf.stop_gradient(group.numerator))
             if group.count is not None:
-                counts[key] = _add(counts.get(key), group.count)
+                counts[key] = add(counts.get(key), group.count)
         del tape
         model.compute_metrics(x, y, y_pred, sample_weight)
     scales = _end_window(model, groups, counts)
@@ -226,9 +227,9 @@ def _torch_train_step(model, data):
             ]
         with torch.no_grad():
             for key, group in groups.items():
-                numerators[key] = _add(numerators.get(key), group.numerator.detach())
+                numerators[key] = add(numerators.get(key), group.numerator.detach())
                 if group.count is not None:
-                    counts[key] = _add(counts.get(key), group.count)
+                    counts[key] = add(counts.get(key), group.count)
             model.compute_metrics(x, y, y_pred, sample_weight)
     with torch.no_grad():
         scales = _end_window(model, groups, counts)

@@ -20,7 +20,7 @@ from keras import ops
 
 from keras_batchfix import _keras_compat, normalizers, replicas
 from keras_batchfix.center_loss import CenterLoss
-from keras_batchfix.normalized_loss import NormalizedLoss, _as_values, weighted_sum
+from keras_batchfix.normalized_loss import NormalizedLoss, as_values, weighted_sum
 
 
 def batch_size(data):
@@ -67,8 +67,8 @@ def _normalized_loss_term(path, loss, y_true, y_pred, sample_weight):
             "With `micro_batches`, hand the numerator and the count "
             "separately: `keras_batchfix.compensate(numerator, count=...)`."
         )
-    numerator = _as_values(loss, "numerator", numerator, loss.dtype)
-    count = _as_values(loss, "count", count, "float32")
+    numerator = as_values(loss, "numerator", numerator, loss.dtype)
+    count = as_values(loss, "count", count, "float32")
     key = ("count", path, normalizer_key(loss.normalizer))
     return Term(key, weighted_sum(numerator, sample_weight, mask), count, loss.normalizer)
 

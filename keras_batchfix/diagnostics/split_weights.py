@@ -144,10 +144,3 @@ def noise_like(array, seed):
     rng = np.random.default_rng(seed)
     return (2.0 * (spread or 1.0) * rng.normal(size=array.shape)).astype(array.dtype)
 
-
-def fmt(value):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "nan"
-    if math.isinf(value):
-        return "inf"
-    return f"{value:.3g}"
