@@ -370,6 +370,16 @@ def outside_gradient_trace(values, y_pred):
     return False
 
 
+def layer_metrics_persist():
+    """Whether a metric a layer updates in `call` keeps its state in `fit`.
+
+    Not on JAX: Keras's stateless JAX `fit` carries the model's trainable
+    and non-trainable variables through `call`, not the metrics' variables
+    (keras-team/keras#21639).
+    """
+    return _backend() != "jax"
+
+
 def _torch_tensor(x):
     """`x` as it is if a torch tensor (no `keras.ops` call), else converted."""
     import torch
