@@ -99,9 +99,7 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_classes = _validation.integer("num_classes", num_classes, 1)
         if feat_dim is not None:
-            feat_dim = _validation.integer(
-                "feat_dim", feat_dim, 1, "an integer >= 1 or None"
-            )
+            feat_dim = _validation.integer("feat_dim", feat_dim, 1, "an integer >= 1 or None")
         self.centers_trainable = bool(centers_trainable)
         if isinstance(alpha, dict):
             alpha = keras.optimizers.schedules.deserialize(alpha)
@@ -118,8 +116,7 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
             )
         self.alpha = alpha
         self.loss_weight = _validation.real(
-            "loss_weight", loss_weight, "a float >= 0", lambda v: v >= 0
-        )
+            "loss_weight", loss_weight, "a float >= 0", lambda v: v >= 0)
         self.centers_initializer = keras.initializers.get(
             centers_initializer
             or keras.initializers.VarianceScaling(2.0, "fan_in", "untruncated_normal")
@@ -137,13 +134,7 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
 
     def build(self, input_shape: Any) -> None:
         shape = _features_shape(input_shape)
-        if len(shape) != 2 or shape[-1] is None:
-            raise ValueError(
-                "`features` must have shape (batch_size, feat_dim) with a known "
-                f"feat_dim; received shape {shape}."
-            )
-        if self.feat_dim is not None and shape[-1] != self.feat_dim:
-            raise ValueError(_dim_error(shape[-1], self.feat_dim, shape))
+        _check_features(shape, self.feat_dim, build=True)
         self.feat_dim = int(shape[-1])
         k, d = self.num_classes, self.feat_dim
 
@@ -185,16 +176,12 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         # In a step run as slices the model divides the batch's sum once,
         # frozen layer or not; only a trainable layer moves its centers.
         in_slices = bool(training) and self.micro_batches is not None
-        if in_slices:
-            losses = [numerator]
-        else:
+        if not in_slices:
             divisor = self.normalizer.divisor(terms.count)
-            losses = [
-                replicas.to_keras(
-                    numerator, divisor, self.normalizer.is_global,
-                    route=replicas.ADD_LOSS,
-                )
-            ]
+            numerator = replicas.to_keras(
+                numerator, divisor, self.normalizer.is_global, route=replicas.ADD_LOSS
+            )
+        losses = [numerator]
         if training and self.trainable:
             self._center_step(centers, terms, in_slices, losses)
         self.add_loss(losses)
@@ -288,25 +275,17 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         """Cast and shape-checked features, int32 labels (0 where invalid), valid."""
         features = ops.cast(features, self.centers.dtype)
         shape, labels = tuple(features.shape), ops.convert_to_tensor(labels)
-        if len(shape) != 2:
-            raise ValueError(
-                "`features` must have shape (batch_size, feat_dim); received "
-                f"shape {shape}."
-            )
-        if shape[-1] is not None and shape[-1] != self.feat_dim:
-            raise ValueError(_dim_error(shape[-1], self.feat_dim, shape))
+        _check_features(shape, self.feat_dim)
         label_shape = tuple(labels.shape)
         if len(label_shape) == 2 and label_shape[-1] == 1:
             labels = ops.squeeze(labels, axis=-1)
-        elif len(label_shape) != 1:
+        elif len(label_shape) != 1 or None not in (shape[0], label_shape[0]) and (
+            shape[0] != label_shape[0]
+        ):
             raise ValueError(
-                "`labels` must have shape (batch_size,) or (batch_size, 1); "
-                f"received shape {label_shape} (features of shape {shape})."
-            )
-        if None not in (shape[0], label_shape[0]) and shape[0] != label_shape[0]:
-            raise ValueError(
-                "`features` and `labels` must have the same batch size; "
-                f"received features.shape={shape}, labels.shape={label_shape}."
+                "`labels` must have shape (batch_size,) or (batch_size, 1) with "
+                f"the batch size of `features`; received labels.shape={label_shape}, "
+                f"features.shape={shape}."
             )
         is_float = "float" in keras.backend.standardize_dtype(labels.dtype)
         integral = labels == ops.round(labels) if is_float else None
@@ -368,9 +347,16 @@ def _features_shape(input_shape):
     return tuple(input_shape)
 
 
-def _dim_error(seen, wanted, shape):
-    return (
-        f"The feature dimension of `features` ({seen}, shape {tuple(shape)}) "
-        f"must equal the centers' dimension `feat_dim` ({wanted}, centers of "
-        f"shape (num_classes, {wanted}))."
-    )
+def _check_features(shape, feat_dim, build=False):
+    """A named error unless `shape` is `(batch_size, feat_dim)`."""
+    if len(shape) != 2 or (build and shape[-1] is None):
+        raise ValueError(
+            "`features` must have shape (batch_size, feat_dim), feat_dim known; "
+            f"received shape {shape}."
+        )
+    if None not in (shape[-1], feat_dim) and shape[-1] != feat_dim:
+        raise ValueError(
+            f"The feature dimension of `features` ({shape[-1]}, shape {shape}) "
+            f"must equal the centers' dimension `feat_dim` ({feat_dim}, centers "
+            f"of shape (num_classes, {feat_dim}))."
+        )
