@@ -117,8 +117,8 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         self.alpha = alpha
         self.loss_weight = _validation.real(
             "loss_weight", loss_weight, "a float >= 0", lambda v: v >= 0)
-        self.centers_initializer = keras.initializers.get(
-            centers_initializer
+        self.centers_initializer = keras.initializers.get(  # the report's
+            centers_initializer  # kaiming_normal_(centers.t()): fan-in num_classes
             or keras.initializers.VarianceScaling(2.0, "fan_in", "untruncated_normal")
         )
         self.feat_dim = feat_dim
