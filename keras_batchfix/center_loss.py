@@ -279,9 +279,8 @@ class CenterLoss(ReplicaThreadLosses, keras.layers.Layer):
         label_shape = tuple(labels.shape)
         if len(label_shape) == 2 and label_shape[-1] == 1:
             labels = ops.squeeze(labels, axis=-1)
-        elif len(label_shape) != 1 or None not in (shape[0], label_shape[0]) and (
-            shape[0] != label_shape[0]
-        ):
+        size = labels.shape[0] if len(labels.shape) == 1 else "no rank 1"
+        if size == "no rank 1" or size != shape[0] and None not in (size, shape[0]):
             raise ValueError(
                 "`labels` must have shape (batch_size,) or (batch_size, 1) with "
                 f"the batch size of `features`; received labels.shape={label_shape}, "

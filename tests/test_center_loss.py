@@ -252,6 +252,9 @@ def test_bad_inputs_raise_clear_errors():
         layer([np.zeros((2, 4), "float32"), np.array([0, 1])])
     with pytest.raises(ValueError, match=r"labels.*\(2, 2\)"):
         layer([np.zeros((2, 3), "float32"), np.zeros((2, 2), "int32")])
+    for shape in ((3,), (3, 1)):  # another batch size
+        with pytest.raises(ValueError, match=r"labels.shape=\(3.*features.shape=\(2, 3\)"):
+            layer([np.zeros((2, 3), "float32"), np.zeros(shape, "int32")])
     with pytest.raises(ValueError, match="num_classes"):
         CenterLoss(0)
     for alpha in (-1.0, 0.0, 5.0, True):  # (0, 1]: a larger step overshoots
