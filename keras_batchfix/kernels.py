@@ -4,7 +4,7 @@ Each public function computes one thing in `keras.ops`, and where a backend
 runs that form much slower than a native kernel, it calls the native kernel
 instead; the forms are private, named `_<kernel>_keras` and `_<kernel>_torch`.
 The package's other backend checks are here too (`is_concrete`,
-`outside_gradient_trace`). The results agree on every backend (`tests/test_kernels.py`
+`outside_gradient_trace`, `layer_metrics_persist`). The results agree on every backend (`tests/test_kernels.py`
 compares each path with NumPy); `benchmarks/README.md` gives the timings
 that justify each native path.
 
@@ -368,6 +368,16 @@ def outside_gradient_trace(values, y_pred):
             and not getattr(values, "requires_grad", True)
         )
     return False
+
+
+def layer_metrics_persist():
+    """Whether a metric a layer updates in `call` keeps its state in `fit`.
+
+    Not on JAX: Keras's stateless JAX `fit` carries the model's trainable
+    and non-trainable variables through `call`, not the metrics' variables
+    (keras-team/keras#21639).
+    """
+    return _backend() != "jax"
 
 
 def _torch_tensor(x):
