@@ -58,7 +58,7 @@ ADVICE = {
         "count summed over the replicas: weight the summed losses with "
         "keras_batchfix.count_weight(count, keras_batchfix.GlobalCount()) in "
         "compute_loss (keras-hub's RetinaNet: "
-        "keras_batchfix.retinanet.RetinaNetObjectDetector)."
+        "keras_batchfix.integrations.retinanet.RetinaNetObjectDetector)."
     ),
     "inverse_batch_size": (
         "The loss goes as 1 / batch size: it is divided by the batch size "

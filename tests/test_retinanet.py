@@ -2,7 +2,7 @@
 
 keras-hub 0.32's detector divides its `"sum"` losses by the positives of each
 replica's batch; under 2 replicas a step moves the weights about twice as
-far as on one device. `keras_batchfix.retinanet.RetinaNetObjectDetector`
+far as on one device. `keras_batchfix.integrations.retinanet.RetinaNetObjectDetector`
 divides by the global count. Needs keras-hub (the `keras-hub` extra).
 """
 

@@ -1,0 +1,9 @@
+"""Fixed losses for other libraries' models and for distributed setups.
+
+Each module wraps one outside model or training setup whose loss Keras
+reduces wrongly under replicas or accumulation: keras-hub's RetinaNet and
+D-FINE detectors (`retinanet`, `d_fine`) and causal language models
+(`causal_lm`), and the multi-worker strategy (`multi_worker`). Import the
+module you need; the package imports none of them, so their optional
+dependencies (keras-hub) are needed only when you do.
+"""
