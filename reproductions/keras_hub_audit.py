@@ -151,7 +151,7 @@ def deeplab_v3_image_segmenter():
     model = keras_hub.models.DeepLabV3ImageSegmenter(backbone=backbone, num_classes=3)
     _freeze_batch_norms(model)
     images = _rng().uniform(size=(4, 16, 16, 3)).astype("float32")
-    return (model, images, _rng().integers(0, 3, (4, 16, 16, 1)),
+    return (model, images, np.eye(3, dtype="float32")[_rng().integers(0, 3, (4, 16, 16))],
             "DeepLabV3Backbone on a 3-stage ResNet (64, 8, 8 filters), 16x16 images; 3 classes")
 
 
@@ -273,7 +273,7 @@ TASKS = {
     "ResNetImageClassifier": (resnet_image_classifier, "ResNetImageClassifier",
                               "SparseCategoricalCrossentropy(from_logits)", "none needed"),
     "DeepLabV3ImageSegmenter": (deeplab_v3_image_segmenter, "DeepLabV3ImageSegmenter",
-                                "SparseCategoricalCrossentropy(from_logits)", "none needed"),
+                                "CategoricalCrossentropy(from_logits), one-hot masks", "none needed"),
     "DepthAnythingDepthEstimator": (depth_anything_depth_estimator, "DepthAnythingDepthEstimator",
                                     "DepthAnythingLoss", "none needed"),
     "RetinaNetObjectDetector": (retinanet_object_detector, "RetinaNetObjectDetector",

@@ -141,3 +141,10 @@ def test_the_fix_round_trips(tmp_path):
     assert isinstance(restored.normalizer, keras_batchfix.GlobalCount)
     x, y = boxes_batch(2)
     np.testing.assert_allclose(loss(restored, x, y), loss(model, x, y), rtol=1e-6)
+
+
+def test_micro_batches_refuse_the_override():
+    """Its loss is its own `compute_loss`, which `micro_batches` slices would skip."""
+    model = detector(True)
+    with pytest.raises(ValueError, match="overrides `compute_loss`"):
+        model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), micro_batches=2)
