@@ -190,8 +190,8 @@ def _boxes(n, size, slots=3, normalized=False):
 def _retinanet(cls):
     keras.utils.set_random_seed(RNG_SEED)
     encoder = keras_hub.models.ResNetBackbone(
-        input_conv_filters=[16], input_conv_kernel_sizes=[7],
-        stackwise_num_filters=[16, 8, 8, 8], stackwise_num_blocks=[1, 1, 1, 1],
+        input_conv_filters=[64], input_conv_kernel_sizes=[7],
+        stackwise_num_filters=[64, 16, 16, 16], stackwise_num_blocks=[1, 1, 1, 1],
         stackwise_num_strides=[1, 2, 2, 2], block_type="basic_block",
         use_pre_activation=False, image_shape=(64, 64, 3))
     backbone = keras_hub.models.RetinaNetBackbone(

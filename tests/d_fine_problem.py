@@ -12,7 +12,7 @@ import keras_hub
 import numpy as np
 
 NUM_CLASSES, SIZE, QUERIES = 3, 32, 6
-LEARNING_RATE = 1e-3
+LEARNING_RATE = 1e-3  # for the round trip's compile
 
 
 def backbone(decoder_layers=1):
