@@ -3,13 +3,14 @@
 keras-hub 0.32's D-FINE divides every varifocal, box, fine-grained
 localization and auxiliary loss by `num_boxes`, the number of label slots of
 the batch one replica sees: padding slots included and never summed over
-the replicas. Keras applies no replica factor to a loss a `compute_loss`
-override returns, and the replicas' gradients are summed, so on 2 replicas a
-step moves the weights about twice as far as on one device. DETR and its
-successors divide by the number of real objects summed over all replicas
-(at least 1); this subclass does that with a package normalizer, so that its
-training equals one device's on the global batch under `MirroredStrategy`,
-the multi-worker strategy and JAX's `DataParallel`.
+the replicas, so on 2 replicas the loss handed to Keras is about twice one
+device's. On a batch of several images it also scores every image against
+indices into the first image's targets. This subclass runs keras-hub's loss
+image by image and divides the sum by the real objects of all replicas (at
+least 1), as DETR and its successors do: for given predictions, the
+replicas' losses add up to one device's loss on the global batch.
+keras-hub's forward pass itself mixes the images of a batch, so training
+under replicas still differs from one device's; see docs/keras_hub.md.
 
 Needs keras-hub (tested with 0.32.0):
 
