@@ -82,14 +82,14 @@ class _NormalizedDFineLoss(_KerasHubDFine):
 class DFineObjectDetector(keras_batchfix.NormalizerUpdates, _NormalizedDFineLoss):
     """keras-hub's D-FINE; its losses divided by `normalizer.divisor(N_obj)`.
 
-        loss = sum_k w_k * S_k / divisor(N_obj) + w_ddf * L_ddf
+        loss = sum_i sum_k w_k * S_ik / divisor(N_obj) + w_ddf * mean_i L_ddf_i
 
-    with `S_k` keras-hub's summed varifocal, L1, CIoU and fine-grained
+    over the images `i`, with `S_ik` keras-hub's summed varifocal, L1, CIoU and fine-grained
     localization losses (last decoder layer, auxiliary layers, encoder and
     denoising queries; the denoising ones divided by `divisor(N_obj)` times
     the number of denoising groups), `N_obj` the real objects of the batch
-    (labels `>= 0`) and `L_ddf` keras-hub's decoupled distillation loss, a
-    ratio of batch means that is averaged over the replicas. keras-hub
+    (labels `>= 0`) and `L_ddf_i` keras-hub's decoupled distillation loss, a
+    ratio of means, averaged over the images of all replicas. keras-hub
     divides by the batch's label slots, padding included, on each replica.
     The arguments are keras-hub's, and
 
@@ -98,16 +98,17 @@ class DFineObjectDetector(keras_batchfix.NormalizerUpdates, _NormalizedDFineLoss
             `keras_batchfix.GlobalCount()` (all replicas' objects, at least 1).
 
     keras-hub's matcher treats every label slot as an object, padding (label
-    -1) included; this subclass keeps that matching.
+    -1) included; this subclass keeps that matching. The tests build no
+    denoising queries (a backbone built with `labels`).
     """
 
-    def __init__(self, *args, normalizer=None, **kwargs):
+    def __init__(self, *args, normalizer: object = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.normalizer = normalizers.get(
             normalizers.GlobalCount() if normalizer is None else normalizer
         )
 
-    def get_config(self):
+    def get_config(self) -> dict:
         config = super().get_config()
         config["normalizer"] = keras.saving.serialize_keras_object(self.normalizer)
         return config
