@@ -15,7 +15,7 @@ import json
 import numpy as np
 from keras import ops
 
-from keras_batchfix.multi_worker import MultiWorkerMirroredStrategy
+from keras_batchfix.integrations.multi_worker import MultiWorkerMirroredStrategy
 from tests.composition import ACCUMULATION_CELLS, CELLS, MICRO_BATCHES, cell_id, fit_cell
 from tests.test_center_loss import CENTER_LOSS_HYPERPARAMETERS, center_loss_problem
 from tests.training import fit_center_loss

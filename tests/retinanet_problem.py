@@ -2,7 +2,7 @@
 
 ResNet basic blocks, `RetinaNetBackbone` levels 3-5, 3 classes, 64x64
 images; no weights are downloaded. `detector(fixed=...)` builds keras-hub's
-`RetinaNetObjectDetector` or `keras_batchfix.retinanet`'s, from the same
+`RetinaNetObjectDetector` or `keras_batchfix.integrations.retinanet`'s, from the same
 seed.
 """
 
@@ -36,7 +36,7 @@ def detector(fixed, normalizer=None, seed=0):
     kwargs = dict(backbone=backbone, num_classes=NUM_CLASSES,
                   anchor_generator=anchors, bounding_box_format="yxyx")
     if fixed:
-        from keras_batchfix.retinanet import RetinaNetObjectDetector
+        from keras_batchfix.integrations.retinanet import RetinaNetObjectDetector
 
         model = RetinaNetObjectDetector(normalizer=normalizer, **kwargs)
     else:

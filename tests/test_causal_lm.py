@@ -4,7 +4,7 @@ A 1-layer `GPT2CausalLM` from a tiny config (random weights, no preset)
 trains on 22 sequences of 2..10 tokens padded with 0, its padding mask as
 `sample_weight`, in batches of 8 (the last one 6). keras-hub's compiled loss
 weighs a valid token `1 / (B * T)`, padding included: it moves with the
-batch size and the padded length. `keras_batchfix.causal_lm.GPT2CausalLM`
+batch size and the padded length. `keras_batchfix.integrations.causal_lm.GPT2CausalLM`
 with `token_loss()` and `micro_batches=2` trains exactly as one pass of the
 token mean over each batch, on one device and under `MirroredStrategy`;
 Keras's own accumulation does not. Needs keras-hub.
@@ -17,7 +17,7 @@ from keras import ops
 
 keras_hub = pytest.importorskip("keras_hub")
 
-from keras_batchfix import causal_lm  # noqa: E402
+from keras_batchfix.integrations import causal_lm  # noqa: E402
 from tests.training import strategy_scope  # noqa: E402
 
 VOCAB, LENGTH, SEQUENCES, BATCH = 40, 10, 22, 8

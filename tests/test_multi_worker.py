@@ -2,7 +2,7 @@
 
 TensorFlow backend only. The test starts both workers (tests/multi_worker.py)
 on free loopback ports, and kills whatever still runs when it ends. With
-`keras_batchfix.multi_worker.MultiWorkerMirroredStrategy` (TensorFlow's
+`keras_batchfix.integrations.multi_worker.MultiWorkerMirroredStrategy` (TensorFlow's
 strategy with a `reduce` that takes what Keras 3.15 passes), the weights
 after 2 epochs equal single-device training on the same global batches:
 every cell of the composition matrix (tests/composition.py) on one device,

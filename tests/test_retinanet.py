@@ -2,7 +2,7 @@
 
 keras-hub 0.32's detector divides its `"sum"` losses by the positives of each
 replica's batch; under 2 replicas a step moves the weights about twice as
-far as on one device. `keras_batchfix.retinanet.RetinaNetObjectDetector`
+far as on one device. `keras_batchfix.integrations.retinanet.RetinaNetObjectDetector`
 divides by the global count. Needs keras-hub (the `keras-hub` extra).
 """
 
@@ -77,8 +77,15 @@ def test_mirrored_fixed_trains_like_one_device(mirrored_strategy):
     assert gap(trained(True, x, y, mirrored_strategy), single) < 1e-5 * max(1.0, moved)
 
 
-def test_mirrored_keras_hub_takes_twice_the_step(mirrored_strategy):
-    """The bug the fix removes: one step under 2 replicas, about 2x as far."""
+def test_mirrored_keras_hub_takes_a_larger_step(mirrored_strategy):
+    """The bug the fix removes: one step under 2 replicas, 2.74x as far.
+
+    Each replica divides by its own positives and the replicas' gradients
+    add up: 2x for equal counts, more here, where the two halves of the
+    batch hold different numbers of positive anchors. Measured on keras-hub
+    0.32.0 (TensorFlow, 2 logical CPUs): 2.738; a keras-hub that fixes its
+    normalization makes this fail.
+    """
     x, y = boxes_batch(4)
     start = trained(False, x, y, epochs=0)
     one = trained(False, x, y, epochs=1)
@@ -86,7 +93,7 @@ def test_mirrored_keras_hub_takes_twice_the_step(mirrored_strategy):
     ratio = np.sqrt(sum(((b - a) ** 2).sum() for a, b in zip(start, two))) / np.sqrt(
         sum(((b - a) ** 2).sum() for a, b in zip(start, one))
     )
-    assert ratio > 1.5
+    assert ratio == pytest.approx(2.738, rel=1e-2)
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="runs its own JAX process")

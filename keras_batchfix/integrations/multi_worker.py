@@ -28,7 +28,7 @@ Import it from this module (it imports TensorFlow, which the rest of the
 package imports only when the backend is TensorFlow):
 
 ```python
-from keras_batchfix.multi_worker import MultiWorkerMirroredStrategy
+from keras_batchfix.integrations.multi_worker import MultiWorkerMirroredStrategy
 
 strategy = MultiWorkerMirroredStrategy()  # reads TF_CONFIG, as TensorFlow's
 with strategy.scope():

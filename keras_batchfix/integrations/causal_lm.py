@@ -20,7 +20,7 @@ Needs keras-hub (tested with 0.32.0).
 Example:
 
 ```python
-from keras_batchfix import causal_lm
+from keras_batchfix.integrations import causal_lm
 
 model = causal_lm.GPT2CausalLM(backbone=backbone, preprocessor=preprocessor)
 model.compile(optimizer=keras.optimizers.AdamW(1e-4),
@@ -36,7 +36,8 @@ class GemmaCausalLM(keras_batchfix.NormalizerUpdates, keras_hub.models.GemmaCaus
 import keras
 import keras_hub
 
-from keras_batchfix.training.model import NormalizerUpdates
+import keras_batchfix
+
 
 
 def token_loss():
@@ -47,5 +48,5 @@ def token_loss():
 
 
 @keras.saving.register_keras_serializable(package="keras_batchfix")
-class GPT2CausalLM(NormalizerUpdates, keras_hub.models.GPT2CausalLM):
+class GPT2CausalLM(keras_batchfix.NormalizerUpdates, keras_hub.models.GPT2CausalLM):
     """keras-hub's `GPT2CausalLM` with `compile(..., micro_batches=k)`."""

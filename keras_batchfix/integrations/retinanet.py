@@ -14,7 +14,7 @@ alike; `EMACount()` gives detectron2's moving-average normalizer.
 Needs keras-hub (tested with 0.32.0); import it from this module:
 
 ```python
-from keras_batchfix.retinanet import RetinaNetObjectDetector
+from keras_batchfix.integrations.retinanet import RetinaNetObjectDetector
 
 with strategy.scope():
     model = RetinaNetObjectDetector(backbone=backbone, num_classes=3,
@@ -29,9 +29,8 @@ import keras
 import keras_hub
 from keras import ops
 
+import keras_batchfix
 from keras_batchfix import normalizers, replicas
-from keras_batchfix.training.model import NormalizerUpdates
-from keras_batchfix.normalized_loss import count_weight
 
 _KerasHubRetinaNet = keras_hub.models.RetinaNetObjectDetector
 
@@ -55,7 +54,7 @@ class _NormalizedRetinaNetLoss(_KerasHubRetinaNet):
         positive = ops.cast(labels > -1.0, "float32")
         counted = ops.cast(labels != -2.0, "float32")
         positives = ops.sum(positive)
-        weight = count_weight(positives, self.normalizer)
+        weight = keras_batchfix.count_weight(positives, self.normalizer)
         # One device drops the whole loss of a batch without positives;
         # here that is decided on the global batch, as one device would.
         weight = ops.where(replicas.global_sum(positives) > 0.0, weight, 0.0)
@@ -74,7 +73,7 @@ class _NormalizedRetinaNetLoss(_KerasHubRetinaNet):
 
 
 @keras.saving.register_keras_serializable(package="keras_batchfix")
-class RetinaNetObjectDetector(NormalizerUpdates, _NormalizedRetinaNetLoss):
+class RetinaNetObjectDetector(keras_batchfix.NormalizerUpdates, _NormalizedRetinaNetLoss):
     """keras-hub's RetinaNet; its loss divided by `normalizer.divisor(N_pos)`.
 
         loss = (sum_a FL_a + sum_{a positive} Huber_a) / divisor(N_pos)
@@ -89,7 +88,9 @@ class RetinaNetObjectDetector(NormalizerUpdates, _NormalizedRetinaNetLoss):
 
     def __init__(self, *args, normalizer=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.normalizer = normalizers.get(normalizer)
+        self.normalizer = normalizers.get(
+            normalizers.GlobalCount() if normalizer is None else normalizer
+        )
 
     def get_config(self):
         config = super().get_config()
