@@ -123,9 +123,11 @@ def test_compensate_fixes_the_ssd_keras_style_loss(batch):
 
 
 def test_package_ssd_loss(batch):
-    # The default LocalCount: exact on one device and under micro_batches,
-    # but each replica divides by its own positives.
-    loss = keras_batchfix.SSDMultiboxLoss(num_classes=N_CLASSES, from_logits=True)
+    # LocalCount: exact on one device and under micro_batches, but each
+    # replica divides by its own positives.
+    loss = keras_batchfix.SSDMultiboxLoss(
+        num_classes=N_CLASSES, from_logits=True, normalizer=keras_batchfix.LocalCount()
+    )
     result = run(loss, batch, repeats=(1, 2))
     assert abs(result.exponent) < 1e-3
     assert result.replica_ratio == pytest.approx(1.0, rel=1e-4)
@@ -133,9 +135,8 @@ def test_package_ssd_loss(batch):
     assert result.unequal_split_factor == pytest.approx(positives_ratio(batch), rel=1e-4)
     assert result.accumulation_mode == "micro_batches"
     assert result.accumulation_factor == pytest.approx(1.0, abs=1e-5)
-    exact = keras_batchfix.SSDMultiboxLoss(
-        num_classes=N_CLASSES, from_logits=True, mining="per_image",
-        normalizer=keras_batchfix.GlobalCount(),
+    exact = keras_batchfix.SSDMultiboxLoss(  # the default normalizer: GlobalCount
+        num_classes=N_CLASSES, from_logits=True, mining="per_image"
     )
     result = run(exact, batch, repeats=(1, 2))
     assert result.verdict == "invariant" and result.ok
@@ -192,10 +193,10 @@ def test_global_count_makes_any_split_exact(batch):
     batch = (batch[0][order], batch[1][order])
     halves = np.split(positives[order], 2)
     assert halves[0].sum() * 1.4 < halves[1].sum()  # the split is uneven
-    local = keras_batchfix.compensate(ssd_numerator, count=ssd_positives)
-    glob = keras_batchfix.compensate(
-        ssd_numerator, count=ssd_positives, normalizer=keras_batchfix.GlobalCount()
+    local = keras_batchfix.compensate(
+        ssd_numerator, count=ssd_positives, normalizer=keras_batchfix.LocalCount()
     )
+    glob = keras_batchfix.compensate(ssd_numerator, count=ssd_positives)  # GlobalCount
     local_result, global_result = run(local, batch), run(glob, batch)
     assert global_result.verdict == "invariant"
     assert local_result.verdict == "replica_split"  # the halves' counts differ
@@ -338,7 +339,9 @@ def test_global_count_token_loss_is_exact_under_accumulation():
 
 def test_local_count_token_loss_is_exact_accumulated_not_split():
     y_true, logits = token_batch()
-    loss = keras_batchfix.compensate(token_sum, count=valid_tokens)
+    loss = keras_batchfix.compensate(
+        token_sum, count=valid_tokens, normalizer=keras_batchfix.LocalCount()
+    )
     result = run(loss, (y_true, logits))
     assert abs(result.accumulation_factor - 1.0) < 1e-6  # counts summed
     assert result.unequal_split_factor == pytest.approx(tokens_ratio(y_true), rel=1e-5)

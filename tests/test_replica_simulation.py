@@ -59,7 +59,9 @@ def test_diagnose_and_diagnose_model_go_through_it(batch):
     glob = keras_batchfix.compensate(
         ssd_numerator, count=ssd_positives, normalizer=keras_batchfix.GlobalCount()
     )
-    local = keras_batchfix.compensate(ssd_numerator, count=ssd_positives)
+    local = keras_batchfix.compensate(
+        ssd_numerator, count=ssd_positives, normalizer=keras_batchfix.LocalCount()
+    )
     assert keras_batchfix.diagnose(glob, *batch, repeats=(1, 2)).all_reduces == 1
     assert keras_batchfix.diagnose(local, *batch, repeats=(1, 2)).all_reduces == 0
     # CenterLoss (GlobalCount by default) all-reduces the batch size.
@@ -118,7 +120,9 @@ def test_simulated_split_agrees_with_mirrored_strategy(name, batch, mirrored_str
         "dice": keras.losses.Dice(),
         "mse": "mse",
         "ssd_keras": ssd_keras_style_loss,
-        "local_count": keras_batchfix.compensate(ssd_numerator, count=ssd_positives),
+        "local_count": keras_batchfix.compensate(
+            ssd_numerator, count=ssd_positives, normalizer=keras_batchfix.LocalCount()
+        ),
         "global_count": keras_batchfix.compensate(
             ssd_numerator, count=ssd_positives, normalizer=keras_batchfix.GlobalCount()
         ),

@@ -91,7 +91,7 @@ class SSDMultiboxLoss(NormalizedLoss):
         from_logits: whether the class scores are logits (a stable
             log-softmax is applied) rather than softmax probabilities
             (clipped at 1e-15 before the log). Default False.
-        normalizer: see `keras_batchfix.LocalCount` (the default).
+        normalizer: a `keras_batchfix.Normalizer`; default `GlobalCount()`.
         name: name of the loss.
         dtype: dtype of the computation (float32 by default, also under mixed
             precision).
