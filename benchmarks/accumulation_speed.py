@@ -1,6 +1,6 @@
 """Time and memory per update of `micro_batches=k` against Keras's `gradient_accumulation_steps=k`.
 
-The token language model of tests/test_accumulation.py at a larger size:
+The token language model of tests/training/test_accumulation.py at a larger size:
 Embedding(2000, 128, mask_zero=True) + Dense(2000) on sequences of 64 tokens
 (8 to 64 valid, padded with 0), Keras's
 `SparseCategoricalCrossentropy(from_logits=True)` through the mask, SGD

@@ -1,6 +1,6 @@
 """keras-hub's D-FINE depends on its batch: the numbers of docs/keras_hub.md#d-fine.
 
-On the tiny D-FINE of tests/d_fine_problem.py (random weights, BatchNorm
+On the tiny D-FINE of reproductions/support/d_fine.py (random weights, BatchNorm
 frozen, TensorFlow backend), prints
 
 1. keras-hub's loss of 3 full images in one order and in the reverse order,
@@ -18,10 +18,6 @@ Deterministic for a given keras-hub, Keras and TensorFlow on one machine.
 """
 
 import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf  # noqa: E402
 
@@ -32,7 +28,7 @@ tf.config.set_logical_device_configuration(
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tests.d_fine_problem import LEARNING_RATE, boxes_batch, detector  # noqa: E402
+from support.d_fine import LEARNING_RATE, boxes_batch, detector  # noqa: E402
 
 
 def loss(model, x, y):

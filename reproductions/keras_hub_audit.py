@@ -258,7 +258,7 @@ def d_fine_fixed():
 TASKS = {
     "GPT2CausalLM": (gpt2_causal_lm, "GPT2CausalLM",
                      "SparseCategoricalCrossentropy(from_logits), padding mask as sample_weight",
-                     "`integrations.causal_lm`: `token_loss()` + `micro_batches` (the padding mask weighs a token 1/(B*T); tests/test_causal_lm.py)"),
+                     "`integrations.causal_lm`: `token_loss()` + `micro_batches` (the padding mask weighs a token 1/(B*T); tests/integrations/test_causal_lm.py)"),
     "GemmaCausalLM": (gemma_causal_lm, "GemmaCausalLM",
                       "SparseCategoricalCrossentropy(from_logits), padding mask as sample_weight",
                       "as GPT2CausalLM: `NormalizerUpdates` mixin + `token_loss()`"),

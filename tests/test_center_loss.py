@@ -2,7 +2,7 @@
 
 Run under each backend: `KERAS_BACKEND=jax pytest tests/test_center_loss.py`
 (tensorflow, jax, torch). References are NumPy re-implementations written
-here and the PyTorch port of the report's code in `keras_batchfix.references`.
+apart (tests/helpers/center_loss_problem.py) and the PyTorch port of the report's code in `keras_batchfix.references`.
 """
 
 
@@ -13,65 +13,15 @@ import keras
 from keras import ops
 
 from keras_batchfix import CenterLoss, EMACount, GlobalCount, LocalCount
+from tests.helpers.center_loss_problem import (
+    D,
+    K,
+    batches,
+    numpy_center_loss,
+    numpy_center_step,
+)
 
 BACKEND = keras.backend.backend()
-K, D = 4, 3
-
-
-# ----------------------------------------------------------- NumPy references
-
-
-def numpy_center_step(centers, features, labels, alpha):
-    """The paper's rule, sample by sample; labels outside [0, K) are skipped."""
-    centers = np.asarray(centers, np.float64)
-    sums = np.zeros_like(centers)
-    counts = np.ones(len(centers))
-    for x, y in zip(np.asarray(features, np.float64), labels):
-        if 0 <= y < len(centers):
-            sums[y] += centers[y] - x
-            counts[y] += 1
-    return centers - alpha * sums / counts[:, None]
-
-
-def numpy_center_loss(centers, features, labels):
-    """1/2 sum_i ||x_i - c_{y_i}||^2 / B (labels outside [0, K) count 0)."""
-    total = 0.0
-    for x, y in zip(np.asarray(features, np.float64), labels):
-        if 0 <= y < len(centers):
-            total += 0.5 * np.sum((x - centers[y]) ** 2)
-    return total / len(features)
-
-
-def batches(n, batch_size):
-    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-
-
-# A problem for distributed training (tests/test_center_loss_distributed.py,
-# tests/multi_worker.py, tests/jax_data_parallel.py): features `x @ W` of
-# inputs of size 5 into `CenterLoss`, trained one epoch.
-CENTER_LOSS_HYPERPARAMETERS = dict(batch_size=8, lr=0.5, lam=0.7, alpha=0.5)
-
-
-def center_loss_problem(n):
-    """Inputs, labels, start kernel and start centers for `n` samples."""
-    rng = np.random.default_rng(10 + n)
-    x = rng.normal(size=(n, 5)).astype("float32")
-    y = rng.integers(0, K, size=n).astype("int32")
-    return x, y, rng.normal(size=(5, D)), rng.normal(size=(K, D))
-
-
-def numpy_center_loss_training(x, y, w, c, batch_size, lr, lam, alpha):
-    """One device: SGD on lambda * L_C through features x @ W, then the center
-    rule, batch by batch; returns the kernel, centers and mean batch loss."""
-    losses, sizes = [], []
-    for part in batches(len(x), batch_size):
-        xb, yb = x[part].astype(np.float64), y[part]
-        f = xb @ w
-        losses.append(lam * numpy_center_loss(c, f, yb))
-        sizes.append(len(yb))
-        w = w - lr * xb.T @ (lam * (f - c[yb]) / len(yb))
-        c = numpy_center_step(c, f, yb, alpha)
-    return w, c, np.average(losses, weights=sizes)
 
 
 def to_numpy(x):

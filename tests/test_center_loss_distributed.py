@@ -1,7 +1,7 @@
 """`CenterLoss` under `tf.distribute.MirroredStrategy` (2 logical CPUs).
 
 TensorFlow backend only (tests/conftest.py creates the logical devices and
-the shared strategy; tests/multi_worker.py and tests/jax_data_parallel.py
+the shared strategy; tests/helpers/multi_worker.py and tests/helpers/jax_data_parallel.py
 train the same problems under `MultiWorkerMirroredStrategy` and JAX's
 `DataParallel`).
 The reference is single-device training on the same global batches, written
@@ -16,12 +16,12 @@ import keras
 if keras.backend.backend() != "tensorflow":
     pytest.skip("tf.distribute needs the TensorFlow backend", allow_module_level=True)
 
-from tests.test_center_loss import (  # noqa: E402
+from tests.helpers.center_loss_problem import (  # noqa: E402
     CENTER_LOSS_HYPERPARAMETERS,
     center_loss_problem,
     numpy_center_loss_training,
 )
-from tests.training import fit_center_loss  # noqa: E402
+from tests.helpers.training import fit_center_loss  # noqa: E402
 
 
 def replica_values(variable):

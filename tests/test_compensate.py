@@ -8,7 +8,7 @@ from keras import ops
 from keras_batchfix import GlobalCount, SSDMultiboxLoss, compensate
 from keras_batchfix.normalized_loss import Compensated
 from keras_batchfix.references.ssd_data import random_batch
-from tests.training import batch_loss, fit_dense
+from tests.helpers.training import batch_loss, fit_dense
 
 NUM_CLASSES = 4
 
@@ -277,7 +277,7 @@ def test_a_package_loss_comes_back_unchanged():
 
 def test_compensated_package_loss_equals_it_under_mirrored(mirrored_strategy):
     """Under 2 replicas `compensate(SSDMultiboxLoss(...))` returned half the loss."""
-    from tests.test_normalizers import ssd_problem
+    from tests.helpers.ssd_problem import ssd_problem
 
     x, y, kernel, bias = ssd_problem(10, 37)
     ssd = SSDMultiboxLoss(NUM_CLASSES, mining="per_image", from_logits=True,

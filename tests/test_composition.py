@@ -1,15 +1,15 @@
 """The composition matrix under `MirroredStrategy` over 2 logical CPUs.
 
-Every cell of tests/composition.py (each piece alone, and in pairs in one
+Every cell of tests/helpers/composition.py (each piece alone, and in pairs in one
 model) trains for 2 epochs under the strategy and must end within 1e-5 of
-one device. tests/test_multi_worker.py runs the same cells with 2 worker
+one device. tests/integrations/test_multi_worker.py runs the same cells with 2 worker
 processes and tests/test_normalizers.py under JAX's `DataParallel`.
 """
 
 import keras
 import pytest
 
-from tests.composition import CELLS, cell_id, fit_cell, initial_weights, max_gap
+from tests.helpers.composition import CELLS, cell_id, fit_cell, initial_weights, max_gap
 
 TOLERANCE = 1e-5
 

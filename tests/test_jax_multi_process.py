@@ -1,6 +1,6 @@
 """Multi-process JAX: 2 processes joined by `jax.distributed` on 127.0.0.1.
 
-Starts two `tests/jax_multi_process.py` processes (one CPU device each,
+Starts two `tests/helpers/jax_multi_process.py` processes (one CPU device each,
 `keras.distribution.DataParallel` over both, each feeding its half of every
 global batch) and a third on one device; kills whatever still runs when it
 ends (at most `TIMEOUT_S`). Composition cells with `SSDMultiboxLoss`,
@@ -15,9 +15,9 @@ import pytest
 
 pytest.importorskip("jax")
 
-from tests.composition import ACCUMULATION_CELLS  # noqa: E402
-from tests.jax_multi_process import CELLS  # noqa: E402
-from tests.processes import free_loopback_port, printed_weights, run_all  # noqa: E402
+from tests.helpers.composition import ACCUMULATION_CELLS  # noqa: E402
+from tests.helpers.jax_multi_process import CELLS  # noqa: E402
+from tests.helpers.processes import free_loopback_port, printed_weights, run_all  # noqa: E402
 
 TIMEOUT_S = 180
 TOLERANCE = 1e-5
@@ -28,7 +28,7 @@ def test_jax_multi_process_equals_one_device(tmp_path):
     runs = [(["reference"], tmp_path / "reference.log")] + [
         ([str(rank), port], tmp_path / f"process{rank}.log") for rank in range(2)
     ]
-    run_all("tests.jax_multi_process", runs, {"KERAS_BACKEND": "jax"}, TIMEOUT_S)
+    run_all("tests.helpers.jax_multi_process", runs, {"KERAS_BACKEND": "jax"}, TIMEOUT_S)
     reference, first, second = (printed_weights(log_path) for _, log_path in runs)
     assert len(reference) == len(CELLS) + len(ACCUMULATION_CELLS)
     for name, want in reference.items():

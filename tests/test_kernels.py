@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from keras_batchfix import kernels
-from tests.gradients import value_and_grad
+from tests.helpers.gradients import value_and_grad
 
 
 # The native forms, which only the torch backend can run.

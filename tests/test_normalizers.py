@@ -5,12 +5,9 @@ import numpy as np
 import pytest
 
 from keras_batchfix import EMACount, GlobalCount, LocalCount, SSDMultiboxLoss
-from keras_batchfix.references.ssd_data import random_batch
-from tests.processes import printed_line
-from tests.training import fit_dense
-
-NUM_CLASSES = 4
-
+from tests.helpers.processes import printed_line
+from tests.helpers.ssd_problem import NUM_CLASSES, ssd_problem
+from tests.helpers.training import fit_dense
 
 def test_one_device_divisors():
     for normalizer in (LocalCount(), GlobalCount(), EMACount(momentum=0.0)):
@@ -28,20 +25,6 @@ def test_ema_divisor_reads_and_update_writes():
     normalizer.update()  # the last candidate becomes the EMA
     assert float(normalizer.ema) == 6.0
     assert float(normalizer.divisor(np.float32(2.0))) == 4.0
-
-
-def ssd_problem(seed, size):
-    """Images with 0 to 6 positives each, so replicas see different counts."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(size, 20, 5)).astype("float32")
-    y_true, _ = random_batch(rng, size, 20, NUM_CLASSES, positive_fraction=0.0)
-    for image in range(size):
-        positives = rng.integers(0, 7)
-        y_true[image, :positives, :NUM_CLASSES] = np.eye(NUM_CLASSES)[
-            rng.integers(1, NUM_CLASSES, positives)
-        ]
-    kernel = rng.normal(scale=0.3, size=(5, NUM_CLASSES + 4)).astype("float32")
-    return x, y_true, kernel, np.zeros(NUM_CLASSES + 4, "float32")
 
 
 def test_global_count_makes_mirrored_training_equal_one_device(mirrored_strategy):
@@ -82,9 +65,9 @@ def test_bad_normalizer():
     importlib.util.find_spec("jax") is None, reason="needs JAX"
 )
 def test_jax_data_parallel_equals_one_device():
-    results = json.loads(printed_line("tests.jax_data_parallel", "RESULT ", 600))
+    results = json.loads(printed_line("tests.helpers.jax_data_parallel", "RESULT ", 600))
     # The composition matrix and 2 CenterLoss problems.
-    from tests.composition import ACCUMULATION_CELLS, CELLS
+    from tests.helpers.composition import ACCUMULATION_CELLS, CELLS
 
     assert len(results) == len(CELLS) + len(ACCUMULATION_CELLS) + 2, sorted(results)
     for name, result in results.items():

@@ -14,10 +14,10 @@ from keras import ops
 import keras_batchfix
 from keras_batchfix import replicas
 from keras_batchfix.diagnostics import loss_probe, split_weights
-from tests.seed_losses import ssd_batch
-from tests.seed_losses import ssd_keras_style_loss
-from tests.seed_losses import ssd_numerator
-from tests.seed_losses import ssd_positives
+from tests.helpers.seed_losses import ssd_batch
+from tests.helpers.seed_losses import ssd_keras_style_loss
+from tests.helpers.seed_losses import ssd_numerator
+from tests.helpers.seed_losses import ssd_positives
 
 
 @pytest.fixture(scope="module")

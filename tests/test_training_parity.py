@@ -6,7 +6,7 @@ from keras import ops
 
 from keras_batchfix import SSDMultiboxLoss, compensate
 from keras_batchfix.references.ssd_data import random_batch
-from tests.training import fit_dense
+from tests.helpers.training import fit_dense
 
 torch = pytest.importorskip("torch")
 from keras_batchfix.references.torch_multibox import multibox_loss  # noqa: E402

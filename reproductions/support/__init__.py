@@ -10,4 +10,6 @@ other relatively, so both names work.
 * `ssd`, `ssd_statistics`, `ssd_figures`: the SSD partial-batch reproduction.
 * `center_loss_torch`, `center_loss_keras`, `center_loss_statistics`: the
   center-loss reproduction.
+* `d_fine`: keras-hub's D-FINE at a tiny size (the audit's D-FINE numbers
+  and `tests/integrations/test_d_fine.py`).
 """

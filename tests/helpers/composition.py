@@ -16,8 +16,8 @@ JAX's `DataParallel` needs batches that split evenly: it trains every cell
 on `EVEN`-sized data (`even=True`).
 
 Used by tests/test_composition.py (one device and `MirroredStrategy`),
-tests/multi_worker.py (2 workers), tests/jax_data_parallel.py, tests/torch_ddp.py
-(2 DDP processes) and tests/jax_multi_process.py (2 JAX processes).
+tests/helpers/multi_worker.py (2 workers), tests/helpers/jax_data_parallel.py, tests/helpers/torch_ddp.py
+(2 DDP processes) and tests/helpers/jax_multi_process.py (2 JAX processes).
 """
 
 import keras
@@ -26,7 +26,7 @@ from keras import ops
 
 import keras_batchfix
 from keras_batchfix import CenterLoss, EMACount, GlobalCount, SSDMultiboxLoss, compensate
-from tests.training import strategy_scope
+from tests.helpers.training import strategy_scope
 
 NUM_CLASSES, ANCHORS, FEATURES, CENTER_CLASSES = 4, 6, 5, 3
 UNEVEN, EVEN = 37, 36

@@ -18,7 +18,7 @@ from keras import ops
 keras_hub = pytest.importorskip("keras_hub")
 
 from keras_batchfix.integrations import causal_lm  # noqa: E402
-from tests.training import strategy_scope  # noqa: E402
+from tests.helpers.training import strategy_scope  # noqa: E402
 
 VOCAB, LENGTH, SEQUENCES, BATCH = 40, 10, 22, 8
 TOLERANCE = 1e-5

@@ -12,16 +12,17 @@ from keras import ops
 
 import keras_batchfix
 from keras_batchfix.__main__ import main
-from tests.seed_losses import N_CLASSES
-from tests.seed_losses import ssd_batch
-from tests.seed_losses import ssd_keras_style_loss
-from tests.seed_losses import ssd_keras_style_loss_times_batch
-from tests.seed_losses import ssd_numerator
-from tests.seed_losses import ssd_positives
-from tests.seed_losses import unnormalized_sum
-from tests.test_accumulation import VOCAB, token_data, token_sum, valid_tokens
+from tests.helpers.seed_losses import N_CLASSES
+from tests.helpers.seed_losses import ssd_batch
+from tests.helpers.seed_losses import ssd_keras_style_loss
+from tests.helpers.seed_losses import ssd_keras_style_loss_times_batch
+from tests.helpers.seed_losses import ssd_numerator
+from tests.helpers.seed_losses import ssd_positives
+from tests.helpers.seed_losses import unnormalized_sum
+from keras_batchfix.references.token_data import VOCAB, token_data
+from tests.helpers.token_losses import token_sum, valid_tokens
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +252,7 @@ def npz(tmp_path, batch):
 
 
 def test_cli_in_process(npz, capsys):
-    spec = "tests.seed_losses:ssd_keras_style_loss"
+    spec = "tests.helpers.seed_losses:ssd_keras_style_loss"
     assert main(["diagnose", spec, "--data", npz]) == 0
     out = capsys.readouterr().out
     assert "VERDICT: inverse_batch_size" in out and "compensate" in out
@@ -266,11 +267,11 @@ def test_cli_in_process(npz, capsys):
     assert main(["diagnose", spec, "--data", npz, "--json", "--accumulation-steps", "4"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["accumulation_steps"] == 4 and report["accumulation_factor"] > 1.1
-    assert main(["diagnose", "tests.seed_losses:nope", "--data", npz]) == 1
+    assert main(["diagnose", "tests.helpers.seed_losses:nope", "--data", npz]) == 1
     assert "nope" in capsys.readouterr().err
-    assert main(["diagnose", "tests.seed_losses.ema_count_ssd_loss", "--data", npz]) == 1
-    assert "did you mean 'tests.seed_losses:ema_count_ssd_loss'" in capsys.readouterr().err
-    spec = "tests.seed_losses:ema_count_ssd_loss"
+    assert main(["diagnose", "tests.helpers.seed_losses.ema_count_ssd_loss", "--data", npz]) == 1
+    assert "did you mean 'tests.helpers.seed_losses:ema_count_ssd_loss'" in capsys.readouterr().err
+    spec = "tests.helpers.seed_losses:ema_count_ssd_loss"
     assert main(["diagnose", spec, "--data", npz, "--strict"]) == 0
     assert "VERDICT: invariant" in capsys.readouterr().out
 
@@ -280,7 +281,7 @@ def test_cli_subprocess(tmp_path):
     path = tmp_path / "small.npz"
     y_true, y_pred = ssd_batch(batch_size=4, anchors=6, seed=2)
     np.savez(path, y_true=y_true, y_pred=y_pred)
-    spec = "tests.seed_losses:ssd_keras_style_loss_times_batch"
+    spec = "tests.helpers.seed_losses:ssd_keras_style_loss_times_batch"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     command = [sys.executable, "-m", "keras_batchfix", "diagnose", spec]
     proc = subprocess.run(

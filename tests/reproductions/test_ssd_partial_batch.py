@@ -7,7 +7,7 @@ import sys
 
 import keras
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "reproductions", "ssd_partial_batch.py")
 
 

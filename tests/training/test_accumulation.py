@@ -5,12 +5,12 @@ same model taking one pass over each batch, after 3 epochs of shuffled
 batches of 8 (one seed; 37 samples, so the last batch of 5 runs as slices of
 2, 1, 1, 1), with momentum SGD and with Adam, each with a learning-rate
 schedule that decays once. Every cell of the composition matrix
-(tests/composition.py: each piece alone and in pairs in one model) on the
+(tests/helpers/composition.py: each piece alone and in pairs in one model) on the
 current backend, under `MirroredStrategy`, and a token language model whose
 loss is a mean over its valid tokens. Keras's own
 `gradient_accumulation_steps` misses the same runs by far more. The
 multi-process strategies run the accumulation cells in
-tests/test_multi_worker.py, tests/test_torch_ddp.py,
+tests/integrations/test_multi_worker.py, tests/integrations/test_torch_ddp.py,
 tests/test_jax_multi_process.py and (JAX `DataParallel`)
 tests/test_normalizers.py.
 """
@@ -25,7 +25,8 @@ from keras import ops
 import keras_batchfix
 from keras_batchfix import CenterLoss, compensate
 from keras_batchfix.references.token_data import LENGTH, VOCAB, token_data
-from tests.composition import (
+from tests.helpers.token_losses import token_sum, valid_tokens
+from tests.helpers.composition import (
     BIG_BATCH,
     CELLS,
     MICRO_BATCHES,
@@ -94,7 +95,7 @@ def test_keras_accumulation_is_not_one_pass():
         ),
         loss=model.loss,
     )
-    from tests.composition import cell_data
+    from tests.helpers.composition import cell_data
 
     x, _, y, _ = cell_data(cell)
     model.fit({"x": x}, {"boxes": y}, batch_size=2, epochs=3, shuffle=False, verbose=0)
@@ -102,17 +103,6 @@ def test_keras_accumulation_is_not_one_pass():
 
 
 # ------------------------------------------------------ a token language model
-
-
-def token_sum(y_true, y_pred):
-    """Cross-entropy summed over the valid (non-padding) target tokens."""
-    valid = ops.cast(y_true > 0, "float32")
-    ce = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
-    return ops.sum(ce * valid, axis=-1)
-
-
-def valid_tokens(y_true, y_pred):
-    return ops.sum(ops.cast(y_true > 0, "float32"))
 
 
 TOKEN_LOSSES = {
@@ -210,7 +200,7 @@ def test_data_sources(source):
 def test_schedule_sees_updates_and_ema_moves_once_per_update():
     cell = ("ssd EMACount",)
     model = build_cell(cell, **{"optimizer": "sgd schedule", "micro_batches": 4})
-    from tests.composition import cell_data
+    from tests.helpers.composition import cell_data
 
     x, _, y, _ = cell_data(cell)
     model.fit({"x": x[:16]}, {"boxes": y[:16]}, batch_size=8, epochs=1,
@@ -284,7 +274,7 @@ def test_frozen_center_loss_keeps_its_centers_and_its_loss():
     cell = ("keras mse", "center")
     big_model = build_cell(cell, optimizer="adam schedule")
     sliced_model = build_cell(cell, optimizer="adam schedule", micro_batches=4)
-    from tests.composition import cell_data, cell_inputs
+    from tests.helpers.composition import cell_data, cell_inputs
 
     x, labels, y, _ = cell_data(cell)
     results = []

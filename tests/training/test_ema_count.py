@@ -13,8 +13,8 @@ from keras_batchfix import (
     SSDMultiboxLoss,
     compensate,
 )
-from tests.test_normalizers import NUM_CLASSES, ssd_problem
-from tests.training import dense_model
+from tests.helpers.ssd_problem import NUM_CLASSES, ssd_problem
+from tests.helpers.training import dense_model
 
 BACKEND = keras.backend.backend()
 # How `fit` runs: eagerly, compiled without XLA, and with XLA (`jax.jit` on

@@ -1,6 +1,6 @@
 """torch DDP, really run: 2 processes (gloo on 127.0.0.1) train as one device.
 
-Starts two `tests/torch_ddp.py` processes joined in a `torch.distributed`
+Starts two `tests/helpers/torch_ddp.py` processes joined in a `torch.distributed`
 gloo process group on a free loopback port, and a third that trains the same
 cells on one device; kills whatever still runs when it ends (at most
 `TIMEOUT_S`). Keras's torch `fit` runs in each process, its gradients averaged
@@ -26,9 +26,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from tests.processes import free_loopback_port, printed_weights, run_all  # noqa: E402
-from tests.composition import ACCUMULATION_CELLS  # noqa: E402
-from tests.torch_ddp import DDP_CELLS, MSE_LOSSES, PADDED_CELLS  # noqa: E402
+from tests.helpers.processes import free_loopback_port, printed_weights, run_all  # noqa: E402
+from tests.helpers.composition import ACCUMULATION_CELLS  # noqa: E402
+from tests.helpers.torch_ddp import DDP_CELLS, MSE_LOSSES, PADDED_CELLS  # noqa: E402
 
 TIMEOUT_S = 300
 TOLERANCE = 1e-5
@@ -42,7 +42,7 @@ def test_torch_ddp_equals_one_device(tmp_path):
         KERAS_BACKEND="torch", MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(free_loopback_port()), GLOO_SOCKET_IFNAME="lo",
     )
-    run_all("tests.torch_ddp", runs, env, TIMEOUT_S)
+    run_all("tests.helpers.torch_ddp", runs, env, TIMEOUT_S)
     reference, first, second = (printed_weights(log_path) for _, log_path in runs)
     assert len(reference) == (
         len(DDP_CELLS) + len(ACCUMULATION_CELLS) + len(MSE_LOSSES) + len(PADDED_CELLS)
@@ -81,7 +81,7 @@ def test_example_trains_as_one_device():
     import subprocess
     import sys
 
-    from tests.processes import ROOT
+    from tests.helpers.processes import ROOT
 
     process = subprocess.Popen(
         [sys.executable, "examples/torch_ddp.py", "--quick", "--timeout", str(TIMEOUT_S)],

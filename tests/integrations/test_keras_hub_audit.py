@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("keras_hub")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_audit():

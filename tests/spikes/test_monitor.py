@@ -13,7 +13,7 @@ from keras import ops
 
 import keras_batchfix
 from keras_batchfix.spikes import report as spike_report
-from tests.training import strategy_scope
+from tests.helpers.training import strategy_scope
 
 
 def ssd_style_loss(y_true, y_pred):

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("keras_hub")
 
 import keras_batchfix  # noqa: E402
-from tests.d_fine_problem import LEARNING_RATE, boxes_batch, detector  # noqa: E402
+from reproductions.support.d_fine import LEARNING_RATE, boxes_batch, detector  # noqa: E402
 
 
 def compiled(fixed, decoder_layers=1):

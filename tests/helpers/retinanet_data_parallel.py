@@ -1,6 +1,6 @@
 """The fixed RetinaNet on one JAX CPU device and under `DataParallel` over two.
 
-Run by tests/test_retinanet.py as `python -m tests.retinanet_data_parallel`
+Run by tests/integrations/test_retinanet.py as `python -m tests.helpers.retinanet_data_parallel`
 (the two host devices must be set before JAX starts). Prints
 `GAP <largest weight change> <largest gap to one device>`. 10 images in
 batches of 4: the last batch of 2 splits 1 / 1.
@@ -14,7 +14,7 @@ os.environ["KERAS_BACKEND"] = "jax"
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tests.retinanet_problem import LEARNING_RATE, boxes_batch, detector  # noqa: E402
+from tests.helpers.retinanet_problem import LEARNING_RATE, boxes_batch, detector  # noqa: E402
 
 
 def train(epochs):

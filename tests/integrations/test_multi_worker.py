@@ -1,11 +1,11 @@
 """`MultiWorkerMirroredStrategy` with 2 worker processes on 127.0.0.1.
 
-TensorFlow backend only. The test starts both workers (tests/multi_worker.py)
+TensorFlow backend only. The test starts both workers (tests/helpers/multi_worker.py)
 on free loopback ports, and kills whatever still runs when it ends. With
 `keras_batchfix.integrations.multi_worker.MultiWorkerMirroredStrategy` (TensorFlow's
 strategy with a `reduce` that takes what Keras 3.15 passes), the weights
 after 2 epochs equal single-device training on the same global batches:
-every cell of the composition matrix (tests/composition.py) on one device,
+every cell of the composition matrix (tests/helpers/composition.py) on one device,
 the accumulation cells run in 4 slices (`micro_batches=4`) against one pass
 over each batch, and for `CenterLoss` alone the NumPy reference `numpy_center_loss_training`.
 """
@@ -19,7 +19,7 @@ import pytest
 if keras.backend.backend() != "tensorflow":
     pytest.skip("tf.distribute needs the TensorFlow backend", allow_module_level=True)
 
-from tests.composition import (  # noqa: E402
+from tests.helpers.composition import (  # noqa: E402
     ACCUMULATION_CELLS,
     BIG_BATCH,
     CELLS,
@@ -27,9 +27,9 @@ from tests.composition import (  # noqa: E402
     fit_cell,
     initial_weights,
 )
-from tests.multi_worker import CENTER_LOSS_SIZES  # noqa: E402
-from tests.processes import free_loopback_ports, printed_weights, started  # noqa: E402
-from tests.test_center_loss import (  # noqa: E402
+from tests.helpers.multi_worker import CENTER_LOSS_SIZES  # noqa: E402
+from tests.helpers.processes import free_loopback_ports, printed_weights, started  # noqa: E402
+from tests.helpers.center_loss_problem import (  # noqa: E402
     CENTER_LOSS_HYPERPARAMETERS,
     center_loss_problem,
     numpy_center_loss_training,
@@ -51,7 +51,7 @@ def worker_runs(log_dir):
 
 def test_multi_worker_equals_one_device(tmp_path):
     runs = worker_runs(tmp_path)
-    with started("tests.multi_worker", runs, {"KERAS_BACKEND": "tensorflow"}, TIMEOUT_S) as wait:
+    with started("tests.helpers.multi_worker", runs, {"KERAS_BACKEND": "tensorflow"}, TIMEOUT_S) as wait:
         # Single-device references, computed while the workers train.
         expected = {cell_id(cell): fit_cell(cell) for cell in CELLS}
         start_kernels = {cell_id(cell): initial_weights(cell)[0] for cell in CELLS}

@@ -6,8 +6,8 @@ import pytest
 
 from keras_batchfix import SSDMultiboxLoss
 from keras_batchfix.kernels import top_k_mask
-from tests.gradients import value_and_grad
-from tests.training import batch_loss
+from tests.helpers.gradients import value_and_grad
+from tests.helpers.training import batch_loss
 from keras_batchfix.references.ssd_data import random_batch
 
 torch = pytest.importorskip("torch")

@@ -14,9 +14,9 @@ import pytest
 pytest.importorskip("keras_hub")
 
 import keras_batchfix  # noqa: E402
-from tests.processes import printed_line  # noqa: E402
-from tests.retinanet_problem import LEARNING_RATE, boxes_batch, detector  # noqa: E402
-from tests.training import strategy_scope  # noqa: E402
+from tests.helpers.processes import printed_line  # noqa: E402
+from tests.helpers.retinanet_problem import LEARNING_RATE, boxes_batch, detector  # noqa: E402
+from tests.helpers.training import strategy_scope  # noqa: E402
 
 
 def compiled(fixed, strategy=None, normalizer=None):
@@ -99,7 +99,7 @@ def test_mirrored_keras_hub_takes_a_larger_step(mirrored_strategy):
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="runs its own JAX process")
 def test_jax_data_parallel_fixed_trains_like_one_device():
     moved, gap_value = map(
-        float, printed_line("tests.retinanet_data_parallel", "GAP ", 300).split()
+        float, printed_line("tests.helpers.retinanet_data_parallel", "GAP ", 300).split()
     )
     assert moved > 1e-3
     assert gap_value < 1e-5

@@ -1,13 +1,13 @@
 """One of two torch DDP processes; prints the trained weights.
 
-tests/test_torch_ddp.py starts two of these as
-`python -m tests.torch_ddp RANK WORLD_SIZE` (`KERAS_BACKEND=torch`,
+tests/integrations/test_torch_ddp.py starts two of these as
+`python -m tests.helpers.torch_ddp RANK WORLD_SIZE` (`KERAS_BACKEND=torch`,
 `MASTER_ADDR=127.0.0.1`, `MASTER_PORT` a free port) and one as
-`python -m tests.torch_ddp reference` (one device, no process group). Each
+`python -m tests.helpers.torch_ddp reference` (one device, no process group). Each
 process joins a gloo process group, makes Keras's `fit` average the
 gradients over it (`keras_batchfix.integrations.torch_ddp`) and trains:
 
-* the composition cells of `DDP_CELLS` (tests/composition.py) on its shard of
+* the composition cells of `DDP_CELLS` (tests/helpers/composition.py) on its shard of
   each global batch of 8: the first half to rank 0 and, of an odd batch, the
   larger half, so the last batch of 5 splits 3 / 2 with different positive
   counts;
@@ -28,7 +28,7 @@ import sys
 
 import numpy as np
 
-from tests.composition import (
+from tests.helpers.composition import (
     ACCUMULATION_CELLS,
     BATCH,
     FEATURES,

@@ -1,11 +1,11 @@
 """One of two `MultiWorkerMirroredStrategy` workers; prints the trained weights.
 
-tests/test_multi_worker.py starts two of these as
-`python -m tests.multi_worker` with `TF_CONFIG` naming both (loopback ports),
+tests/integrations/test_multi_worker.py starts two of these as
+`python -m tests.helpers.multi_worker` with `TF_CONFIG` naming both (loopback ports),
 and compares what they print with single-device training. Each worker has
 one CPU device, so there are 2 replicas; a global batch is split between the
 workers (worker 0 takes the first half; of an odd batch, the larger half).
-It trains every cell of the composition matrix (tests/composition.py), the
+It trains every cell of the composition matrix (tests/helpers/composition.py), the
 accumulation cells with `micro_batches` and the `CenterLoss` problems of
 tests/test_center_loss.py.
 """
@@ -16,9 +16,9 @@ import numpy as np
 from keras import ops
 
 from keras_batchfix.integrations.multi_worker import MultiWorkerMirroredStrategy
-from tests.composition import ACCUMULATION_CELLS, CELLS, MICRO_BATCHES, cell_id, fit_cell
-from tests.test_center_loss import CENTER_LOSS_HYPERPARAMETERS, center_loss_problem
-from tests.training import fit_center_loss
+from tests.helpers.composition import ACCUMULATION_CELLS, CELLS, MICRO_BATCHES, cell_id, fit_cell
+from tests.helpers.center_loss_problem import CENTER_LOSS_HYPERPARAMETERS, center_loss_problem
+from tests.helpers.training import fit_center_loss
 
 CENTER_LOSS_SIZES = (15, 16)  # 15: the last batch of 7 splits 4 / 3
 

@@ -1,10 +1,10 @@
 """Trains on one JAX CPU device and under `DataParallel` over two; prints the gaps.
 
-Run as `python -m tests.jax_data_parallel` (tests/test_normalizers.py does):
+Run as `python -m tests.helpers.jax_data_parallel` (tests/test_normalizers.py does):
 the two host devices must be configured before JAX starts, hence a process of
 its own. Under `DataParallel` the loss sees the global batch (one program
 over the sharded batch), so every cell of the composition matrix
-(tests/composition.py), self-normalized or not, must equal one device, and
+(tests/helpers/composition.py), self-normalized or not, must equal one device, and
 the accumulation cells in 4 slices (`micro_batches=4`) must equal one pass
 over each batch on one device. Every
 cell trains on 36 samples in batches of 8, the short last batch of 4 split
@@ -23,7 +23,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from tests.composition import (  # noqa: E402
+from tests.helpers.composition import (  # noqa: E402
     ACCUMULATION_CELLS,
     BIG_BATCH,
     CELLS,
@@ -33,12 +33,12 @@ from tests.composition import (  # noqa: E402
     initial_weights,
     max_gap,
 )
-from tests.test_center_loss import (  # noqa: E402
+from tests.helpers.center_loss_problem import (  # noqa: E402
     CENTER_LOSS_HYPERPARAMETERS,
     center_loss_problem,
     numpy_center_loss_training,
 )
-from tests.training import fit_center_loss  # noqa: E402
+from tests.helpers.training import fit_center_loss  # noqa: E402
 
 CENTER_LOSS_SIZES = (16, 14)  # 14: the last batch of 6 splits 3 / 3
 

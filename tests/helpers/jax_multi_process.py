@@ -1,8 +1,8 @@
 """One of two JAX processes under `DataParallel`; prints the trained weights.
 
 tests/test_jax_multi_process.py starts two of these as
-`python -m tests.jax_multi_process RANK PORT` and one as
-`python -m tests.jax_multi_process reference` (one device, no coordinator).
+`python -m tests.helpers.jax_multi_process RANK PORT` and one as
+`python -m tests.helpers.jax_multi_process reference` (one device, no coordinator).
 Each process joins `jax.distributed.initialize` on 127.0.0.1:PORT (one CPU
 device each, two in all), sets `keras.distribution.DataParallel` over all
 devices with `auto_shard_dataset = False`, and feeds `fit` its own half of
@@ -44,7 +44,7 @@ def main(argv):
     import keras
     from keras import ops
 
-    from tests.composition import (
+    from tests.helpers.composition import (
         ACCUMULATION_CELLS,
         BATCH,
         EPOCHS,
@@ -54,7 +54,7 @@ def main(argv):
         cell_id,
         cell_inputs,
     )
-    from tests.torch_ddp import shard
+    from tests.helpers.torch_ddp import shard
 
     keras.utils.set_random_seed(0)
     if processes > 1:

@@ -1,6 +1,6 @@
 """`diagnose_model` on models whose loss is compiled (dicts of outputs, loss weights, masks).
 
-keras-hub's RetinaNet (a `compute_loss` override) is in tests/test_retinanet.py.
+keras-hub's RetinaNet (a `compute_loss` override) is in tests/integrations/test_retinanet.py.
 """
 
 import keras
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import keras_batchfix
-from tests.composition import box_errors_self_normalized, cell_data, positive_count
-from tests.test_accumulation import LENGTH, VOCAB, token_data, token_sum, valid_tokens
+from tests.helpers.composition import box_errors_self_normalized, cell_data, positive_count
+from keras_batchfix.references.token_data import LENGTH, VOCAB, token_data
+from tests.helpers.token_losses import token_sum, valid_tokens
 
 
 def two_head_model(boxes_loss, weights=None):
@@ -78,7 +79,7 @@ def test_bad_input():
 
 # ---------------------------------------------------- a masked token model
 def token_model(loss, model_class=keras.Model, mask_zero=True, **compile_kwargs):
-    """Embedding(mask_zero) + Dense over the vocabulary, as tests/test_accumulation.py."""
+    """Embedding(mask_zero) + Dense over the vocabulary, as tests/training/test_accumulation.py."""
     keras.utils.set_random_seed(1)
     tokens = keras.Input((LENGTH,), dtype="int32")
     hidden = keras.layers.Embedding(VOCAB, 16, mask_zero=mask_zero)(tokens)
