@@ -55,7 +55,8 @@ import os
 import statistics
 import time
 
-from harness import cpu_name, emit, interleaved_times, peak_step_bytes, run_worker
+from keras_batchfix.references.machine import cpu_name
+from harness import emit, interleaved_times, peak_step_bytes, run_worker
 
 CONFIGS = ("keras", "package", "one pass")
 

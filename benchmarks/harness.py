@@ -73,19 +73,6 @@ def _status_kib(field):
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def cpu_name():
-    """`"2-core AMD EPYC CPU"`: the cores Python sees and the CPU's model name."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            name = next(line.split(":", 1)[1].strip()
-                        for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-
-        name = platform.processor() or "unknown"
-    return f"{os.cpu_count()}-core {name} CPU"
-
-
 def torch_device():
     """Where torch steps run: the GPU when there is one, as Keras's torch backend."""
     import torch

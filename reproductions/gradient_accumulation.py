@@ -46,7 +46,8 @@ import os
 import sys
 import time
 
-from support.backends import (BACKENDS, ROOT, cpu_name, device_and_version, emit, run_worker,
+from keras_batchfix.references.machine import cpu_name
+from support.backends import (BACKENDS, ROOT, device_and_version, emit, run_worker,
                               write_csv)
 
 HIDDEN = 16
@@ -256,7 +257,7 @@ def main(argv=None):
         return emit(dict(result, keras=keras.__version__))
 
     os.makedirs(args.out, exist_ok=True)
-    print(f"Token model, {epochs} epochs, on a {cpu_name()} CPU; each backend in its own process")
+    print(f"Token model, {epochs} epochs, on a {cpu_name()}; each backend in its own process")
     results = {}
     for backend in [args.backend] if args.backend else BACKENDS:
         start = time.perf_counter()
@@ -265,7 +266,7 @@ def main(argv=None):
               f"({results[backend]['seconds']:.1f} s training)", flush=True)
     versions = ", ".join(f"{b} {r['version']}" for b, r in results.items())
     devices = ", ".join(f"{b} on {r['device']}" for b, r in results.items())
-    hardware = (f"{cpu_name()} CPU; {devices}; Keras {results[backend]['keras']}, {versions}")
+    hardware = (f"{cpu_name()}; {devices}; Keras {results[backend]['keras']}, {versions}")
     table = write_table(results, epochs, args.out, hardware)
     plot(results, table, args.out, hardware)
     print(f"Wrote updates.csv, table.csv, table.md and gradient_accumulation.png to {args.out}")

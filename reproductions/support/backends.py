@@ -20,19 +20,6 @@ BACKENDS = ("tensorflow", "jax", "torch")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def cpu_name():
-    """`"2-core AMD EPYC"`: the cores Python sees and the CPU's model name."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            name = next(line.split(":", 1)[1].strip()
-                        for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-
-        name = platform.processor() or "unknown CPU"
-    return f"{os.cpu_count()}-core {name}"
-
-
 def device_and_version(backend):
     """(what the backend computes on, its framework's version), in a worker."""
     if backend == "torch":
