@@ -111,7 +111,7 @@ class ThreadOwnedLosses:
         return [loss for loss in losses if owners.get(id(loss), thread) == thread]
 
 
-# --- SpikeMonitor (issue 15) -------------------------------------------------
+# --- SpikeMonitor ---------------------------------------------------------------
 # `print_msg` writes a message to stdout, or to absl logging once interactive
 # logging is off (`keras.config.disable_interactive_logging()`), as Keras's own
 # callbacks do. It lives in `keras.src.utils.io_utils` (Keras 3.12.0 and

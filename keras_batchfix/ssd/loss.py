@@ -28,9 +28,8 @@ class SSDMultiboxLoss(NormalizedLoss):
     the largest cross-entropy), `CE_a = -sum_c y_true[a, c] log p[a, c]` the
     softmax cross-entropy and `SL1_a` the smooth L1 loss summed over the 4
     box offsets (`0.5 d^2` if `|d| < 1` else `|d| - 0.5`). With the default
-    normalizer the divisor is `max(1, |P|)`, and the value Keras optimizes and
-    reports is `L` itself, whatever the batch size: the short last batch of an
-    epoch is not inflated (no `* batch_size` trick needed, and no wrapper).
+    normalizer the divisor is `max(1, |P|)` summed over the replicas, and Keras
+    optimizes and reports `L` itself at every batch size.
 
     Hard-negative mining:
 
@@ -39,10 +38,9 @@ class SSDMultiboxLoss(NormalizedLoss):
     * `mining="per_image"` (ssd.pytorch, torchvision): for each image `i`,
       `k_i = min(max(neg_pos_ratio * |P_i|, n_neg_min), |negatives_i|)`.
 
-    `k` is truncated to an integer. Mining finds the k-th largest loss
-    (`keras_batchfix.kernels.kth_largest`: bisection under XLA, `torch.topk`
-    on torch) and selects with masks of static shape (no sort, no boolean
-    indexing), so the loss runs under `jit_compile=True`.
+    `k` is truncated to an integer. Mining selects with masks of static
+    shape (`keras_batchfix.kernels.top_k_mask`), so the loss runs under
+    `jit_compile=True`.
 
     Layout (ssd_keras's): `y_true` and `y_pred` have shape
     `(batch, anchors, num_classes + 4)` or `(batch, anchors, num_classes + 12)`.
@@ -52,34 +50,11 @@ class SSDMultiboxLoss(NormalizedLoss):
     box offsets; 8 optional trailing values (anchors and variances) are
     ignored.
 
-    Inputs the loss cannot be right for make it NaN, on every backend and in
-    compiled code alike (a few reductions, no host round-trip), so `fit`
-    shows `loss: nan` from the first step:
-
-    * soft class targets (label smoothing, mixup): a row of the one-hot part
-      of `y_true` that is neither one-hot nor all zero. Such an anchor would
-      count as positive and as negative at once. (The test uses row sums:
-      entries below float32 resolution of their row's sum, 2**-24 of it,
-      outside the background column, go unseen; they change the loss by less
-      than its rounding.);
-    * `from_logits=False` given scores that are not probabilities: an entry
-      outside `[0, 1]` or a row whose sum differs from 1 by more than 1e-3
-      (logits, most likely: pass `from_logits=True`).
-
+    Inputs it cannot be right for (soft class targets; with
+    `from_logits=False`, scores that are not probabilities) make the loss NaN
+    on every backend, in compiled code too. An empty batch gives 0.0.
     `sample_weight` of shape `(batch,)` scales each image's share of the
-    numerator; it does not change the normalizing count. A `sample_weight`
-    of another length raises a `ValueError` naming both shapes (where the
-    shapes are static: eager calls, JAX and torch).
-
-    An empty batch, `y_pred` of shape `(0, anchors, num_classes + 4)` (or no
-    anchors), gives the loss 0.0 with a zero gradient, on every backend (a
-    replica with no samples of an uneven global batch trains on).
-
-    `from_logits=True` given probabilities (every row of the class scores
-    nonnegative and summing to 1) trains on their softmax, which is well
-    defined but most likely not meant: the loss warns once, on its first
-    call with concrete values (an eager call, torch's `fit`); it cannot
-    check inside a traced step (TensorFlow's or JAX's `fit`).
+    numerator, not the count. Details: docs/losses.md.
 
     Args:
         num_classes: number of classes including the background.
