@@ -1,4 +1,9 @@
-"""`keras_batchfix.Model`: a Keras model that steps its stateful normalizers.
+"""`keras_batchfix.Model`: a Keras model whose training step knows the package's losses.
+
+It does two things a plain `keras.Model` cannot: it steps the stateful
+normalizers once per training step, and with `compile(..., micro_batches=k)`
+it runs each batch as one update in `k` slices (exact gradient
+accumulation, `keras_batchfix.training.accumulation`).
 
 A normalizer with state (`EMACount`) moves once per training step, after the
 step's loss. Keras tells a model whether it is training through the public
@@ -18,16 +23,17 @@ from __future__ import annotations
 
 import keras
 
-
 from keras_batchfix.training import accumulation, loss_terms
 
 
 class NormalizerUpdates:
-    """Mixin for `keras.Model` subclasses: stateful normalizers and micro-batches.
+    """Mixin that makes a `keras.Model` step normalizers and run micro-batches.
 
-    `compile(..., micro_batches=k)` runs every batch of `fit` as one update
-    computed in `k` slices, exact for every count-normalized loss
-    (`keras_batchfix.training.accumulation`).
+    After the loss of each training step it calls `update()` on every
+    stateful normalizer of the compiled losses and the layers (`EMACount`),
+    and tracks their variables. `compile(..., micro_batches=k)` runs every
+    batch of `fit` as one update computed in `k` slices, exact for every
+    count-normalized loss (`keras_batchfix.training.accumulation`).
 
     Put it before the model class: `class Detector(NormalizerUpdates,
     keras.Model)`, or `class Fixed(NormalizerUpdates, SomeKerasHubModel)`.
@@ -169,7 +175,9 @@ def _compute_loss_owner(cls):
 
 @keras.saving.register_keras_serializable(package="keras_batchfix")
 class Model(NormalizerUpdates, keras.Model):
-    """`keras.Model` with `NormalizerUpdates`: a drop-in for functional models.
+    """A `keras.Model` that steps stateful normalizers and runs `micro_batches`.
+
+    A drop-in for functional models: `keras.Model` with `NormalizerUpdates`.
 
     Example:
 
