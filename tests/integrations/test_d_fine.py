@@ -106,20 +106,24 @@ def test_keras_hubs_forward_pass_couples_the_images_of_a_batch():
     assert np.abs(full[:2] - half).max() > 1e-2
 
 
-def shares(model, x, y, y_pred, parts, objects):
-    """The losses simulated replicas hand Keras for `parts` of one batch."""
-    total = sum(float((y["labels"][p] >= 0).sum()) for p in parts) if objects else None
-    values = []
-    with keras_batchfix.replicas.simulated_replicas(
-        len(parts), global_sum=(lambda value: keras.ops.cast(total, "float32"))
-        if objects else None,
-    ):
-        for p in parts:
-            values.append(float(model.compute_loss(
-                x=x[p], y={k: v[p] for k, v in y.items()},
-                y_pred={k: v[p] for k, v in y_pred.items()},
-                sample_weight=None, training=False)))
-    return values
+def shares(model, x, y, y_pred, parts):
+    """The losses simulated replicas hand Keras for `parts` of one batch.
+
+    `keras_batchfix.replicas.ReplicaSimulation` answers the fix's all-reduce
+    of the object count with the sum over the parts.
+    """
+    def loss_of(x_part, y_part, y_pred_part):
+        return model.compute_loss(
+            x=x_part, y=y_part, y_pred=y_pred_part, sample_weight=None, training=False
+        )
+
+    split = [
+        (x[p], {k: v[p] for k, v in y.items()}, {k: v[p] for k, v in y_pred.items()})
+        for p in parts
+    ]
+    simulation = keras_batchfix.replicas.ReplicaSimulation(len(parts))
+    with simulation:
+        return simulation.replica_losses(loss_of, split)
 
 
 def test_the_fixs_replica_shares_add_up_to_one_devices_loss():
@@ -130,7 +134,7 @@ def test_the_fixs_replica_shares_add_up_to_one_devices_loss():
     whole = loss_for(model, x, y, y_pred)
     parts = [slice(0, 3), slice(3, 4)]
     np.testing.assert_allclose(
-        sum(shares(model, x, y, y_pred, parts, objects=True)), whole, rtol=1e-5)
+        sum(shares(model, x, y, y_pred, parts)), whole, rtol=1e-5)
 
 
 def test_keras_hubs_replicas_hand_twice_the_loss():
@@ -142,7 +146,7 @@ def test_keras_hubs_replicas_hand_twice_the_loss():
     y_pred = model(x8)
     whole = loss_for(model, x8, y8, y_pred)
     parts = [slice(0, 4), slice(4, 8)]
-    replicas = sum(shares(model, x8, y8, y_pred, parts, objects=False))
+    replicas = sum(shares(model, x8, y8, y_pred, parts))
     assert replicas / whole == pytest.approx(2.0, rel=1e-3)
 
 
