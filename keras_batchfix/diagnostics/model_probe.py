@@ -81,7 +81,7 @@ class ModelProbe:
                 None if weights is None else weights[rows], y_pred
             )
             for key, group in loss_terms.combine(
-                _terms(self.model, xs, ys, y_pred, sw, len(bounds))
+                loss_terms.terms_of_pass(self.model, xs, ys, y_pred, sw, len(bounds))
             ).items():
                 groups.setdefault(key, group)
                 numerators[key] = numerators.get(key, 0.0) + _float(group.numerator)
@@ -187,21 +187,6 @@ def _rows_only(moves, rows):
 def _float(value):
     """A scalar tensor as a Python float (detached on torch)."""
     return float(ops.convert_to_numpy(value))
-
-
-def _terms(model, x, y, y_pred, sample_weight, slices):
-    """`loss_terms.forward_terms` on predictions already made (no training pass)."""
-    terms, own = [], set()
-    for layer in loss_terms.center_loss_layers(model):
-        for value in layer.losses:
-            own.add(id(value))
-            count = ops.cast(keras.tree.flatten(x)[0].shape[0], "float32")
-            key = ("samples", loss_terms.normalizer_key(layer.normalizer))
-            terms.append(loss_terms.Term(key, value, count, layer.normalizer))
-    others = [value for value in model.losses if id(value) not in own]
-    return loss_terms.loss_terms(
-        model, y, y_pred, sample_weight, others, slices
-    ) + terms
 
 
 def _value_shapes(model, x, y):

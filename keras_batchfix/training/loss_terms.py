@@ -146,13 +146,18 @@ def center_loss_layers(model):
 
 
 def forward_terms(model, x, y, sample_weight, slices):
-    """Runs `model` on one slice; returns `(y_pred, terms of its loss)`.
+    """Runs `model` on one slice; returns `(y_pred, terms of its loss)`."""
+    y_pred = model(x, training=True)
+    return y_pred, terms_of_pass(model, x, y, y_pred, sample_weight, slices)
+
+
+def terms_of_pass(model, x, y, y_pred, sample_weight, slices):
+    """The terms of the loss of the pass of `model` on `x` that made `y_pred`.
 
     A `CenterLoss` (run as slices) adds its numerator, a sum over the
     slice's samples. Any other `add_loss` value (a regularizer) is taken as
     a per-step value and spread evenly over the batch's `slices`.
     """
-    y_pred = model(x, training=True)
     terms = []
     own = set()
     for layer in center_loss_layers(model):
@@ -162,7 +167,7 @@ def forward_terms(model, x, y, sample_weight, slices):
             key = ("samples", normalizer_key(layer.normalizer))
             terms.append(Term(key, value, count, layer.normalizer))
     others = [value for value in model.losses if id(value) not in own]
-    return y_pred, loss_terms(model, y, y_pred, sample_weight, others, slices) + terms
+    return loss_terms(model, y, y_pred, sample_weight, others, slices) + terms
 
 
 def loss_terms(model, y, y_pred, sample_weight, layer_losses, slices):
