@@ -56,6 +56,12 @@ def detector(fixed, normalizer=None, seed=0, decoder_layers=1):
 
 
 def freeze_batch_norms(layer):
+    """Frozen BatchNorm (detectron2's FrozenBN): inference statistics.
+
+    Per-replica batch statistics differ from one device's whatever the loss
+    does, so a replica-split comparison needs frozen (or synchronized) ones.
+    The keras-hub audit and tests/helpers/retinanet_problem.py use it too.
+    """
     for sublayer in getattr(layer, "layers", ()):
         if isinstance(sublayer, keras.layers.BatchNormalization):
             sublayer.trainable = False

@@ -10,6 +10,8 @@ import keras
 import keras_hub
 import numpy as np
 
+from reproductions.support.d_fine import freeze_batch_norms
+
 NUM_CLASSES, SIZE = 3, 64
 # Plain SGD; keras-hub's untrained detector starts near a loss of 500 and
 # diverges within 3 steps at 1e-3 (measured), so the tests step at 1e-5.
@@ -43,18 +45,6 @@ def detector(fixed, normalizer=None, seed=0):
         model = keras_hub.models.RetinaNetObjectDetector(**kwargs)
     freeze_batch_norms(model)
     return model
-
-
-def freeze_batch_norms(layer):
-    """Frozen BatchNorm (detectron2's FrozenBN): inference statistics.
-
-    Per-replica batch statistics differ from one device's whatever the loss
-    does, so a replica-split comparison needs frozen (or synchronized) ones.
-    """
-    for sublayer in getattr(layer, "layers", ()):
-        if isinstance(sublayer, keras.layers.BatchNormalization):
-            sublayer.trainable = False
-        freeze_batch_norms(sublayer)
 
 
 def boxes_batch(n, seed=0):
